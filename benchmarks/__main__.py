@@ -1,0 +1,232 @@
+"""`python -m benchmarks`: our service vs the reference server, same harness, same run.
+
+Each scenario gets a freshly started server (ours on a fresh Postgres database, the reference on a
+fresh data directory), so no scenario inherits another's state or memory. Servers run one at a
+time so they never compete for the two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import resource
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks import loadgen, report, servers
+from benchmarks.scenarios import RUNNERS, SCENARIOS, Config
+
+
+def _csv(allowed: tuple[str, ...]) -> Any:
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in allowed]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}; got {text!r}")
+        return items
+
+    return parse
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark our Durable Streams service against the reference Node server.",
+    )
+    parser.add_argument(
+        "--only",
+        type=_csv(servers.SERVER_NAMES),
+        default=list(servers.SERVER_NAMES),
+        help="servers to run: ours, reference, or both comma-separated (default both)",
+    )
+    parser.add_argument(
+        "--scenario",
+        type=_csv(SCENARIOS),
+        default=list(SCENARIOS),
+        help=f"comma-separated scenarios (default all): {','.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=10.0,
+        help="seconds of measured load per append run (default 10)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="seconds of warm-up load before each append run (default 2)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=75,
+        help="concurrent writers for the append runs (default 75)",
+    )
+    parser.add_argument(
+        "--streams", type=int, default=75, help="streams for the appends_many run (default 75)"
+    )
+    parser.add_argument(
+        "--sse-readers",
+        type=int,
+        default=1000,
+        help="idle SSE readers, one per stream (default 1000)",
+    )
+    parser.add_argument(
+        "--catchup-mb",
+        type=int,
+        default=64,
+        help="MiB written, then read back, by the catch-up run (default 64)",
+    )
+    parser.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="append load generator; auto installs wrk if missing and can",
+    )
+    parser.add_argument(
+        "--no-doc",
+        action="store_true",
+        help="do not rewrite the generated section of docs/BENCHMARKS.md",
+    )
+    args = parser.parse_args(argv)
+    if not 1 <= args.connections <= 1000 or not 1 <= args.streams <= 10_000:
+        parser.error("--connections must be 1..1000 and --streams 1..10000")
+    if not 0 < args.duration <= 120 or not 0 <= args.warmup <= 30:
+        parser.error("--duration must be in (0, 120] and --warmup in [0, 30]")
+    if not 1 <= args.sse_readers <= 5000 or not 1 <= args.catchup_mb <= 1024:
+        parser.error("--sse-readers must be 1..5000 and --catchup-mb 1..1024")
+    return args
+
+
+def _raise_nofile(needed: int) -> None:
+    """Lift the open-files limit for us and the servers we start (they inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard == resource.RLIM_INFINITY else max(soft, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        print(f"warning: open-files limit {soft} < {needed}; SSE readers may fail", flush=True)
+
+
+def _resolve_wrk(choice: str) -> tuple[str | None, str]:
+    if choice == "python":
+        return None, "python load generator requested"
+    wrk, note = loadgen.ensure_wrk(allow_install=True)
+    if wrk is None and choice == "wrk":
+        sys.exit(f"wrk requested but unavailable: {note}")
+    return wrk, note
+
+
+def _summary_line(scenario: str, res: dict[str, Any]) -> str:
+    if "error" in res:
+        return f"ERROR {str(res['error']).splitlines()[0][:200]}"
+    if scenario in ("appends", "appends_many"):
+        v, lat = res["verify"], res["latency_ms"]
+        return (
+            f"{res['appends_per_s']:,.0f} appends/s, p50 {lat.get('p50')} ms, "
+            f"p99 {lat.get('p99')} ms; stored {v['stored']:,} / 2xx {v['acknowledged_2xx']:,} "
+            f"({'ok' if v['ok'] else 'FAIL'})"
+        )
+    if scenario == "longpoll":
+        lat = res["latency_ms"]
+        return (
+            f"p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, "
+            f"{res['received']}/{res['messages']} received"
+        )
+    if scenario == "catchup":
+        return (
+            f"read {res['read_mb_per_s_median']} MB/s (median), "
+            f"write {res['write_mb_per_s']} MB/s ({'ok' if res['ok'] else 'FAIL'})"
+        )
+    if scenario == "sse":
+        return (
+            f"RSS {res['rss_before_mb']} -> {res['rss_with_readers_mb']} MB with "
+            f"{res['opened']}/{res['readers']} readers; live {res['live_delivered']}/"
+            f"{res['readers']} ({'ok' if res['ok'] else 'FAIL'})"
+        )
+    return "done"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    _raise_nofile(args.sse_readers * 2 + 256)
+    wrk, wrk_note = _resolve_wrk(args.loadgen)
+    print(f"load generator: {wrk or 'python fallback'} ({wrk_note})", flush=True)
+    cfg = Config(
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        connections=args.connections,
+        many_streams=args.streams,
+        sse_readers=args.sse_readers,
+        catchup_mb=args.catchup_mb,
+        wrk=wrk,
+    )
+    command = "python -m benchmarks" + (
+        " " + shlex.join(sys.argv[1:] if argv is None else argv) if (argv or sys.argv[1:]) else ""
+    )
+    results: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "machine": report.machine(),
+        "versions": report.versions(loadgen.wrk_version(wrk) if wrk else None),
+        "config": {**asdict(cfg), "scenarios": args.scenario, "wrk_note": wrk_note},
+        "servers": {},
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="chatops-bench-"))
+    started = time.monotonic()
+    failures = 0
+    try:
+        for name in args.only:
+            entry: dict[str, Any] = {"label": servers.SERVER_LABELS[name], "scenarios": {}}
+            results["servers"][name] = entry
+            reason = servers.ours_available() if name == "ours" else servers.reference_available()
+            if reason:
+                entry["error"] = reason
+                failures += 1
+                print(f"[{name}] not available: {reason}", flush=True)
+                continue
+            for scenario in args.scenario:
+                t0 = time.monotonic()
+                print(f"[{name}] {scenario} ...", flush=True)
+                try:
+                    with servers.running(name, workdir) as server:
+                        try:
+                            res = RUNNERS[scenario](server, cfg)
+                        except Exception:
+                            res = {"error": traceback.format_exc(limit=3)}
+                            res["server_log_tail"] = server.log_tail()
+                except Exception as exc:  # the server would not start
+                    res = {"error": f"{type(exc).__name__}: {exc}"}
+                res["wall_s"] = round(time.monotonic() - t0, 1)
+                entry["scenarios"][scenario] = res
+                failed = "error" in res or res.get("ok") is False
+                failed = failed or res.get("verify", {}).get("ok") is False
+                failures += failed
+                print(
+                    f"[{name}] {scenario}: {_summary_line(scenario, res)} [{res['wall_s']} s]",
+                    flush=True,
+                )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results["total_wall_s"] = round(time.monotonic() - started, 1)
+    path = report.write_json(results)
+    print(f"results: {path.relative_to(servers.REPO)} (total {results['total_wall_s']} s)")
+    if not args.no_doc:
+        doc = report.update_doc(results)
+        print(f"updated {doc.relative_to(servers.REPO)}")
+    print()
+    print(report.markdown(results))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Engines for Postgres (psycopg 3) and SQLite (aiosqlite), one schema for both."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+
+class DatabaseURLError(ValueError):
+    """DATABASE_URL is not a URL we know how to use."""
+
+
+def normalize_database_url(raw: str) -> str:
+    """Accept the URL forms people paste and return the SQLAlchemy async form.
+
+    postgres://, postgresql:// and postgresql+psycopg2:// all become postgresql+psycopg://;
+    sqlite:// becomes sqlite+aiosqlite://.
+    """
+    raw = raw.strip()
+    if not raw:
+        raise DatabaseURLError("DATABASE_URL is empty")
+    try:
+        url = make_url(raw)
+    except Exception as exc:
+        raise DatabaseURLError(f"DATABASE_URL is not a valid URL: {exc}") from None
+    backend = url.get_backend_name()
+    if backend in ("postgres", "postgresql"):
+        url = url.set(drivername="postgresql+psycopg")
+    elif backend == "sqlite":
+        url = url.set(drivername="sqlite+aiosqlite")
+    else:
+        raise DatabaseURLError(f"unsupported database {backend!r}; use sqlite:// or postgresql://")
+    return url.render_as_string(hide_password=False)
+
+
+def sync_url(async_url: str) -> URL:
+    """The blocking-driver twin of an async URL (Alembic runs synchronously)."""
+    url = make_url(async_url)
+    if url.get_backend_name() == "sqlite":
+        return url.set(drivername="sqlite")
+    return url.set(drivername="postgresql+psycopg")
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # WAL lets readers run beside the single writer; synchronous=FULL makes every commit durable
+    # (acknowledged means durable); busy_timeout rides out the writer's short locks.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def create_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 20, writer: bool = False
+) -> AsyncEngine:
+    """Build an async engine. On SQLite, `writer=True` opens write transactions with BEGIN IMMEDIATE
+    so a read-then-write transaction never fails on a lock upgrade."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:":
+            from pathlib import Path
+
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(
+            url, pool_size=1 if writer else pool_size, max_overflow=0 if writer else max_overflow
+        )
+        sync_engine = engine.sync_engine
+        event.listen(sync_engine, "connect", _sqlite_pragmas)
+
+        @event.listens_for(sync_engine, "connect")
+        def _no_implicit_tx(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy emit BEGIN itself (pysqlite's implicit transactions are off).
+            dbapi_conn.isolation_level = None
+
+        @event.listens_for(sync_engine, "begin")
+        def _begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )

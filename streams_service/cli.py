@@ -1,0 +1,80 @@
+"""`chatops` command line: serve the service, migrate the database."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from db.engine import DatabaseURLError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from db.migrate import upgrade
+    from streams_service.app import create_app
+    from streams_service.config import Settings
+
+    settings = Settings()
+    if settings.is_sqlite:
+        # The embedded default migrates itself; Postgres is migrated by `chatops db upgrade`
+        # (the release command of a deploy), never by a serving replica.
+        upgrade(settings.database_url)
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from db.migrate import upgrade
+    from streams_service.config import Settings
+
+    settings = Settings()
+    upgrade(settings.database_url, args.revision)
+    print(f"database at revision {args.revision}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatops", description="chatops: Claude chat on durable streams"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the streams service")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.set_defaults(func=_serve)
+
+    db = sub.add_parser("db", help="database administration")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    up = db_sub.add_parser("upgrade", help="apply migrations to DATABASE_URL")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=_db_upgrade)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except DatabaseURLError as exc:
+        print(f"chatops: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

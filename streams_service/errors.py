@@ -1,0 +1,71 @@
+"""Typed domain errors carrying their HTTP status; one handler renders them as JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+
+class AppError(Exception):
+    """Base class: `status`, a stable `code`, a human `detail` and optional response headers."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers: dict[str, str] = dict(headers or {})
+
+
+class BadRequest(AppError):
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(AppError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(AppError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class Conflict(AppError):
+    status = 409
+    code = "conflict"
+
+
+class Forbidden(AppError):
+    status = 403
+    code = "forbidden"
+
+
+class Gone(AppError):
+    status = 410
+    code = "gone"
+
+
+class PayloadTooLarge(AppError):
+    status = 413
+    code = "payload_too_large"
+
+
+class ServiceUnavailable(AppError):
+    status = 503
+    code = "unavailable"
+
+
+def error_response(exc: AppError) -> Response:
+    return JSONResponse(
+        {"error": exc.code, "detail": exc.detail}, status_code=exc.status, headers=exc.headers
+    )
+
+
+async def app_error_handler(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AppError)
+    return error_response(exc)
