@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support import REPO_ROOT, ServerProcess, tail, terminate
+
 CONFORMANCE_DIR = REPO_ROOT / "conformance"
 VITEST_ENTRY = CONFORMANCE_DIR / "node_modules" / "vitest" / "vitest.mjs"
 
@@ -37,96 +31,6 @@ STARTUP_TIMEOUT_S = 30.0
 SUITE_TIMEOUT_S = 540.0
 
 pytestmark = [pytest.mark.conformance, pytest.mark.timeout(600)]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _tail(path: Path, limit: int = 4000) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return "<no output>"
-    return text[-limit:] if text else "<empty>"
-
-
-def _terminate(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL it if it has not exited within the grace period."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        proc.wait(timeout=grace_s)
-
-
-@contextmanager
-def _server(
-    cmd: list[str], env: dict[str, str], log_dir: Path, name: str
-) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
-    """Runs `cmd` in its own process group with output in log files; always stops it."""
-    stdout_path = log_dir / f"{name}.stdout.log"
-    stderr_path = log_dir / f"{name}.stderr.log"
-    with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,
-        )
-    try:
-        yield proc, stdout_path, stderr_path
-    finally:
-        _terminate(proc)
-
-
-def _wait_until(
-    ready: Callable[[], bool],
-    proc: subprocess.Popen[bytes],
-    stdout_path: Path,
-    stderr_path: Path,
-    what: str,
-) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(
-                f"{what} exited with code {proc.returncode} before it was ready.\n"
-                f"--- stderr ---\n{_tail(stderr_path)}\n--- stdout ---\n{_tail(stdout_path)}",
-                pytrace=False,
-            )
-        if ready():
-            return
-        time.sleep(0.1)
-    pytest.fail(
-        f"{what} was not ready within {STARTUP_TIMEOUT_S:.0f}s.\n"
-        f"--- stderr ---\n{_tail(stderr_path)}\n--- stdout ---\n{_tail(stdout_path)}",
-        pytrace=False,
-    )
-
-
-def _health_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            status: int = response.status
-            return status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def _run_suite(base_url: str, out_dir: Path) -> dict[str, Any]:
@@ -161,16 +65,16 @@ def _run_suite(base_url: str, out_dir: Path) -> dict[str, Any]:
         try:
             proc.wait(timeout=SUITE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            _terminate(proc, grace_s=5.0)
+            terminate(proc, grace_s=5.0)
             pytest.fail(
-                f"vitest did not finish within {SUITE_TIMEOUT_S:.0f}s:\n{_tail(log_path)}",
+                f"vitest did not finish within {SUITE_TIMEOUT_S:.0f}s:\n{tail(log_path)}",
                 pytrace=False,
             )
         finally:
-            _terminate(proc, grace_s=5.0)
+            terminate(proc, grace_s=5.0)
     if not report_path.exists():
         pytest.fail(
-            f"vitest (exit {proc.returncode}) wrote no JSON report; output:\n{_tail(log_path)}",
+            f"vitest (exit {proc.returncode}) wrote no JSON report; output:\n{tail(log_path)}",
             pytrace=False,
         )
     report: dict[str, Any] = json.loads(report_path.read_text())
@@ -236,29 +140,19 @@ def _failure_summary(
 
 def test_server_passes_conformance_suite(
     conformance_installed: Path,
-    chatops_executable: Path,
     conformance_database_url: str,
     request: pytest.FixtureRequest,
     tmp_path: Path,
 ) -> None:
     backend = request.node.callspec.params["conformance_database_url"]
-    port = _free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "DATABASE_URL": conformance_database_url,
-        "STREAMS_LONG_POLL_TIMEOUT_MS": str(LONG_POLL_TIMEOUT_MS),
-    }
-    cmd = [str(chatops_executable), "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with _server(cmd, env, tmp_path, "chatops") as (proc, stdout_path, stderr_path):
-        _wait_until(
-            lambda: _health_ok(f"{base_url}/health"),
-            proc,
-            stdout_path,
-            stderr_path,
-            f"`chatops serve` ({backend})",
-        )
-        report = _run_suite(base_url, tmp_path)
+    server = ServerProcess(
+        conformance_database_url,
+        tmp_path,
+        name=f"chatops-{backend}",
+        STREAMS_LONG_POLL_TIMEOUT_MS=str(LONG_POLL_TIMEOUT_MS),
+    )
+    with server:
+        report = _run_suite(server.base_url, tmp_path)
 
     failures = _failures(report)
     details = _write_failures(report, failures, tmp_path, backend)
