@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import structlog
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
@@ -20,7 +22,12 @@ from streams_service.config import Settings
 from streams_service.durable.live import LiveHub, PostgresListener
 from streams_service.durable.routes import StreamRoutes
 from streams_service.durable.store import StreamStore
-from streams_service.errors import AppError, app_error_handler
+from streams_service.errors import (
+    AppError,
+    app_error_handler,
+    http_exception_handler,
+    validation_error_handler,
+)
 from streams_service.middleware import SecurityHeadersMiddleware
 
 log = structlog.get_logger(__name__)
@@ -162,6 +169,8 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse({"status": "ready"})
 
     app.add_exception_handler(AppError, app_error_handler)
+    app.add_exception_handler(HTTPException, http_exception_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origin_list,

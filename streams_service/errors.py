@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from http import HTTPStatus
 
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -69,3 +72,26 @@ def error_response(exc: AppError) -> Response:
 async def app_error_handler(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AppError)
     return error_response(exc)
+
+
+async def http_exception_handler(_request: Request, exc: Exception) -> Response:
+    """Framework-raised errors (unknown route, wrong method) in the same JSON shape as ours."""
+    assert isinstance(exc, HTTPException)
+    try:
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    except ValueError:
+        code = "http_error"
+    return JSONResponse(
+        {"error": code, "detail": str(exc.detail)},
+        status_code=exc.status_code,
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def validation_error_handler(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+        for err in exc.errors()
+    )
+    return JSONResponse({"error": "validation_error", "detail": problems}, status_code=422)
