@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pydantic import ValidationError
+
 from db.engine import DatabaseURLError
 
 
@@ -70,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         result: int = args.func(args)
     except DatabaseURLError as exc:
         print(f"chatops: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        print(f"chatops: invalid settings: {problems}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

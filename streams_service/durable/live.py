@@ -86,11 +86,14 @@ class PostgresListener:
         self._hub = hub
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        self._attempted = asyncio.Event()
 
     async def start(self) -> None:
+        """Start listening; returns once the first connection attempt has succeeded or failed
+        (a database that is down at boot must not hang start-up; readiness reports it)."""
         self._task = asyncio.create_task(self._run(), name="ds-listener")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.ready.wait(), timeout=10)
+            await asyncio.wait_for(self._attempted.wait(), timeout=10)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -108,6 +111,7 @@ class PostgresListener:
                 ) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.ready.set()
+                    self._attempted.set()
                     if not first:
                         self._hub.notify_all()
                     first = False
@@ -117,6 +121,8 @@ class PostgresListener:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self.ready.clear()
+                self._attempted.set()
                 log.warning("listener_disconnected", error=type(exc).__name__, retry_in_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -31,7 +31,7 @@ def format_offset(position: int) -> str:
 
 def parse_offset(raw: str) -> int:
     """The byte position an offset names; InvalidOffset for anything but `\\d+_\\d+`."""
-    match = _OFFSET_RE.match(raw)
+    match = _OFFSET_RE.fullmatch(raw)
     if match is None:
         raise InvalidOffset(raw)
     read_seq, position = int(match.group(1)), int(match.group(2))

@@ -117,7 +117,7 @@ class StreamRoutes:
             raise BadRequest("send Stream-TTL or Stream-Expires-At, not both")
         ttl: int | None = None
         if ttl_raw is not None:
-            if not _TTL_RE.match(ttl_raw):
+            if not _TTL_RE.fullmatch(ttl_raw):
                 raise BadRequest("Stream-TTL must be a non-negative integer of seconds")
             ttl = int(ttl_raw)
         expires_ms: int | None = None
@@ -126,7 +126,7 @@ class StreamRoutes:
         fork_pos: int | None = None
         fork_offset_raw = headers.get("stream-fork-offset")
         if fork_offset_raw:
-            if not _OFFSET_RE.match(fork_offset_raw):
+            if not _OFFSET_RE.fullmatch(fork_offset_raw):
                 raise BadRequest("Stream-Fork-Offset is not an offset")
             fork_pos = parse_offset(fork_offset_raw)
         sub_offset: int | None = None
@@ -134,7 +134,7 @@ class StreamRoutes:
         if sub_raw is not None:
             if not forked_from:
                 raise BadRequest("Stream-Fork-Sub-Offset requires Stream-Forked-From")
-            if not _TTL_RE.match(sub_raw):
+            if not _TTL_RE.fullmatch(sub_raw):
                 raise BadRequest("Stream-Fork-Sub-Offset must be a non-negative integer")
             sub_offset = int(sub_raw)
         body = await self._body(request)
@@ -216,7 +216,7 @@ class StreamRoutes:
         if len(offsets) > 1:
             raise BadRequest("give one offset parameter")
         raw = offsets[0] if offsets else None
-        if raw is not None and raw not in ("-1", "now") and not _OFFSET_RE.match(raw):
+        if raw is not None and raw not in ("-1", "now") and not _OFFSET_RE.fullmatch(raw):
             raise BadRequest("offset must be -1, now, or an offset this server returned")
         if live not in (None, "long-poll", "sse"):
             raise BadRequest("live must be long-poll or sse")
@@ -486,7 +486,7 @@ def _parse_producer(pid: str | None, epoch: str | None, seq: str | None) -> Prod
     if pid == "":
         raise BadRequest("Producer-Id must not be empty")
     for name, value in (("Producer-Epoch", epoch), ("Producer-Seq", seq)):
-        if not _INT_RE.match(value) or int(value) > MAX_SAFE_INT:
+        if not _INT_RE.fullmatch(value) or int(value) > MAX_SAFE_INT:
             raise BadRequest(f"{name} must be an integer between 0 and 2^53-1")
     return Producer(pid, int(epoch), int(seq))
 

@@ -1,0 +1,110 @@
+"""Service shell: health, readiness, CORS and security headers, CLI errors, migrations."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, inspect
+
+from db.engine import normalize_database_url, sync_url
+from streams_service.app import create_app
+from streams_service.config import Settings
+from tests.support import REPO_ROOT, chatops_bin, migrate, postgres_database
+
+
+async def test_health_and_ready(client: httpx.AsyncClient) -> None:
+    health = await client.get("/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert health.headers["x-content-type-options"] == "nosniff"
+    ready = await client.get("/health/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+async def test_ready_is_503_when_the_database_does_not_answer() -> None:
+    # Nothing listens on port 1: the service starts, says it is alive, and not ready.
+    settings = Settings(database_url="postgresql://postgres@127.0.0.1:1/none")
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/health")).status_code == 200
+            ready = await client.get("/health/ready")
+            assert ready.status_code == 503
+            assert ready.json()["status"] == "unavailable"
+            append = await client.post(
+                "/v1/stream/x", headers={"Content-Type": "text/plain"}, content=b"hi"
+            )
+            assert append.status_code == 503
+            assert set(append.json()) == {"error", "detail"}
+
+
+async def test_cors_preflight_allows_protocol_headers(client: httpx.AsyncClient) -> None:
+    response = await client.options(
+        "/v1/stream/anything",
+        headers={
+            "Origin": "https://console.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "producer-id, stream-seq, if-none-match",
+        },
+    )
+    assert response.status_code == 200
+    allowed = response.headers["access-control-allow-headers"].lower()
+    for header in ("producer-id", "stream-seq", "if-none-match"):
+        assert header in allowed
+
+
+async def test_unknown_route_is_json_404(client: httpx.AsyncClient) -> None:
+    response = await client.get("/nope")
+    assert response.status_code == 404
+    assert response.json()["error"] == "not_found"
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("postgres://u:p@h:5432/d", "postgresql+psycopg://u:p@h:5432/d"),
+        ("postgresql://u@h/d", "postgresql+psycopg://u@h/d"),
+        ("sqlite:////abs/x.db", "sqlite+aiosqlite:////abs/x.db"),
+    ],
+)
+def test_database_urls_are_normalised(raw: str, expected: str) -> None:
+    assert normalize_database_url(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DATABASE_URL": "mysql://x/y"}, "unsupported database 'mysql'"),
+        ({"STREAMS_LONG_POLL_TIMEOUT_MS": "soon"}, "STREAMS_LONG_POLL_TIMEOUT_MS"),
+    ],
+)
+def test_cli_reports_bad_settings_in_one_line(env: dict[str, str], message: str) -> None:
+    result = subprocess.run(
+        [str(chatops_bin()), "db", "upgrade"],
+        cwd=REPO_ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_db_upgrade_creates_the_schema_and_is_idempotent() -> None:
+    with postgres_database() as url:
+        migrate(url)
+        migrate(url)
+        engine = create_engine(sync_url(normalize_database_url(url)))
+        try:
+            tables = set(inspect(engine).get_table_names())
+        finally:
+            engine.dispose()
+        assert {"ds_streams", "ds_messages", "ds_producers", "alembic_version"} <= tables
