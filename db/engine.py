@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Engine, event
+from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -55,33 +57,28 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def create_engine(
-    url: str, *, pool_size: int = 10, max_overflow: int = 20, writer: bool = False
-) -> AsyncEngine:
-    """Build an async engine. On SQLite, `writer=True` opens write transactions with BEGIN IMMEDIATE
-    so a read-then-write transaction never fails on a lock upgrade."""
+def _prepare_sqlite(url: URL, sync_engine: Engine, begin_sql: str) -> None:
+    database = url.database or ""
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    event.listen(sync_engine, "connect", _sqlite_pragmas)
+
+    @event.listens_for(sync_engine, "connect")
+    def _no_implicit_tx(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy emit BEGIN itself (pysqlite's implicit transactions are off).
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(sync_engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql(begin_sql)
+
+
+def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> AsyncEngine:
+    """The async engine of request handlers (reads; the stream writer has its own)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database and database != ":memory:":
-            from pathlib import Path
-
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(
-            url, pool_size=1 if writer else pool_size, max_overflow=0 if writer else max_overflow
-        )
-        sync_engine = engine.sync_engine
-        event.listen(sync_engine, "connect", _sqlite_pragmas)
-
-        @event.listens_for(sync_engine, "connect")
-        def _no_implicit_tx(dbapi_conn: Any, _record: Any) -> None:
-            # Let SQLAlchemy emit BEGIN itself (pysqlite's implicit transactions are off).
-            dbapi_conn.isolation_level = None
-
-        @event.listens_for(sync_engine, "begin")
-        def _begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
-
+        engine = create_async_engine(url, pool_size=pool_size, max_overflow=max_overflow)
+        _prepare_sqlite(parsed, engine.sync_engine, "BEGIN")
         return engine
     return create_async_engine(
         url,
@@ -89,4 +86,20 @@ def create_engine(
         max_overflow=max_overflow,
         pool_pre_ping=True,
         pool_recycle=1800,
+    )
+
+
+def create_writer_engine(url: str) -> Engine:
+    """The blocking engine of the stream writer thread: one connection, write transactions only.
+
+    On SQLite, transactions start with BEGIN IMMEDIATE so a read-then-write transaction never
+    fails on a lock upgrade.
+    """
+    sync = sync_url(url)
+    if sync.get_backend_name() == "sqlite":
+        engine = create_sync_engine(sync, pool_size=1, max_overflow=0)
+        _prepare_sqlite(sync, engine, "BEGIN IMMEDIATE")
+        return engine
+    return create_sync_engine(
+        sync, pool_size=1, max_overflow=1, pool_pre_ping=True, pool_recycle=1800
     )

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request
@@ -15,12 +16,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from db.engine import create_engine
 from streams_service.config import Settings
 from streams_service.durable.live import LiveHub, PostgresListener
-from streams_service.durable.routes import StreamRoutes
+from streams_service.durable.routes import PREFIX, StreamRoutes
 from streams_service.durable.store import StreamStore
 from streams_service.errors import (
     AppError,
@@ -73,7 +74,6 @@ class Services:
     """Everything the lifespan builds; routes reach it through `request.app.state.services`."""
 
     settings: Settings
-    write_engine: AsyncEngine
     read_engine: AsyncEngine
     hub: LiveHub
     store: StreamStore
@@ -86,24 +86,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        write_engine = create_engine(
+        read_engine = create_engine(
             settings.database_url,
             pool_size=settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
-            writer=True,
-        )
-        # SQLite: reads get their own pool so they never queue behind the writer's connection.
-        read_engine = (
-            create_engine(
-                settings.database_url,
-                pool_size=settings.db_pool_size,
-                max_overflow=settings.db_max_overflow,
-            )
-            if settings.is_sqlite
-            else write_engine
         )
         hub = LiveHub()
-        store = StreamStore(write_engine, read_engine, hub)
+        store = StreamStore(settings.database_url, read_engine, hub)
         await store.start()
         listener = None
         if not settings.is_sqlite:
@@ -119,9 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
             max_read_bytes=settings.streams_max_read_bytes,
         )
         stream_routes.append(routes)
-        app.state.services = Services(
-            settings, write_engine, read_engine, hub, store, listener, sweeper
-        )
+        app.state.services = Services(settings, read_engine, hub, store, listener, sweeper)
         try:
             yield
         finally:
@@ -132,23 +119,17 @@ def create_app(settings: Settings) -> FastAPI:
             await store.stop()
             if listener is not None:
                 await listener.stop()
-            await write_engine.dispose()
-            if read_engine is not write_engine:
-                await read_engine.dispose()
+            await read_engine.dispose()
 
-    app = FastAPI(title="chatops streams service", version="0.1.0", lifespan=lifespan)
+    app = ChatopsAPI(title="chatops streams service", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
 
-    async def stream_endpoint(request: Request):  # type: ignore[no-untyped-def]
-        return await stream_routes[0](request)
+    async def streams_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        await stream_routes[0].asgi(scope, receive, send)
 
-    app.router.routes.append(
-        Route(
-            "/v1/stream/{path:path}",
-            stream_endpoint,
-            methods=STREAM_METHODS,
-            include_in_schema=False,
-        )
+    # The stream protocol is the hot path: it gets its own, shorter middleware chain.
+    app.streams_app = SecurityHeadersMiddleware(
+        CORSMiddleware(streams_asgi, **_cors_options(settings))
     )
 
     @app.get("/health")
@@ -171,16 +152,36 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(AppError, app_error_handler)
     app.add_exception_handler(HTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=settings.cors_origin_list,
-        allow_methods=[*STREAM_METHODS, "PATCH"],
-        allow_headers=ALLOWED_REQUEST_HEADERS,
-        expose_headers=EXPOSED_HEADERS,
-        max_age=600,
-    )
+    app.add_middleware(CORSMiddleware, **_cors_options(settings))
     app.add_middleware(SecurityHeadersMiddleware)
     return app
+
+
+class ChatopsAPI(FastAPI):
+    """FastAPI, except that `/v1/stream/...` goes straight to the protocol handler: every append
+    and live read skips routing, dependency and exception layers it has no use for."""
+
+    streams_app: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            self.streams_app is not None
+            and scope["type"] == "http"
+            and scope["path"].startswith(PREFIX)
+        ):
+            await self.streams_app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def _cors_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "allow_origins": settings.cors_origin_list,
+        "allow_methods": [*STREAM_METHODS, "PATCH"],
+        "allow_headers": ALLOWED_REQUEST_HEADERS,
+        "expose_headers": EXPOSED_HEADERS,
+        "max_age": 600,
+    }
 
 
 async def _sweep_forever(store: StreamStore, interval_s: float) -> None:
@@ -192,3 +193,8 @@ async def _sweep_forever(store: StreamStore, interval_s: float) -> None:
                 log.info("streams_swept", removed=removed)
         except Exception as exc:
             log.warning("sweep_failed", error=type(exc).__name__)
+
+
+def app_from_env() -> FastAPI:
+    """Factory for uvicorn's worker processes: each builds its app from the environment."""
+    return create_app(Settings())

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from streams_service.errors import BadRequest
+from streams_service.errors import BadRequest, Gone, NotFound
 
 JSON_TYPE = "application/json"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
@@ -136,6 +136,26 @@ class StreamState:
         }
 
 
+def missing(path: str) -> NotFound:
+    return NotFound(f"stream {path!r} does not exist")
+
+
+def gone(path: str) -> Gone:
+    return Gone(f"stream {path!r} was deleted; its forks still hold its data")
+
+
+def check_live(state: StreamState | None, path: str, now: int) -> StreamState:
+    """The stream if it can be read and written: 404 when missing or expired, 410 when gone."""
+    if state is None:
+        raise missing(path)
+    availability = state.availability(now)
+    if availability is Availability.MISSING:
+        raise missing(path)
+    if availability is Availability.GONE:
+        raise gone(path)
+    return state
+
+
 @dataclass(frozen=True, slots=True)
 class Producer:
     id: str
@@ -207,20 +227,25 @@ def _dump(value: Any) -> bytes:
 
 
 def encode_json_append(body: bytes, *, allow_empty: bool) -> bytes:
-    """Validate a JSON-mode body and store it as comma-joined compact values.
+    """Validate a JSON-mode body and return what is stored: its values, comma-joined.
 
-    A top-level array is flattened exactly one level (protocol §9.1): `[a,b]` stores two messages.
+    A top-level array is flattened exactly one level (protocol §9.1): `[a, b]` stores two values.
+    The client's own text is kept (only the outer brackets of an array go): re-encoding every
+    value would cost more than parsing it, and readers get the same values either way.
     """
     try:
-        value = json.loads(body, parse_constant=_reject_constant)
+        text = body.decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):
-        raise BadRequest("body is not valid JSON") from None
-    items = value if isinstance(value, list) else [value]
-    if not items:
+        raise BadRequest("body is not valid UTF-8 JSON") from None
+    if not isinstance(value, list):
+        return text.strip().encode()
+    if not value:
         if allow_empty:
             return b""
         raise BadRequest("an empty JSON array appends nothing")
-    return b",".join(_dump(item) for item in items)
+    inner = text.strip()[1:-1].strip()
+    return inner.encode()
 
 
 def json_items(stored: bytes) -> list[Any]:

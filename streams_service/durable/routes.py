@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+import structlog
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from streams_service.durable.model import (
     AppendOutcome,
@@ -47,6 +49,9 @@ if TYPE_CHECKING:
     from streams_service.durable.live import LiveHub
     from streams_service.durable.store import StreamStore
 
+log = structlog.get_logger(__name__)
+
+PREFIX = "/v1/stream/"
 _TTL_RE = re.compile(r"^(0|[1-9]\d*)$")
 _INT_RE = re.compile(r"^\d+$")
 _OFFSET_RE = re.compile(r"^\d+_\d+$")
@@ -79,8 +84,17 @@ class StreamRoutes:
         self.max_read_bytes = max_read_bytes
         self.live_readers = 0
 
-    async def __call__(self, request: Request) -> Response:
-        path: str = request.path_params["path"]
+    async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry for `/v1/stream/...`, served without the framework's routing layers."""
+        request = Request(scope, receive)
+        try:
+            response = await self.handle(request, scope["path"][len(PREFIX) :])
+        except Exception:
+            log.exception("stream_request_failed", method=scope.get("method"))
+            response = error_response(AppError("the server failed to handle the request"))
+        await response(scope, receive, send)
+
+    async def handle(self, request: Request, path: str) -> Response:
         try:
             method = request.method
             if method == "GET":
