@@ -87,11 +87,8 @@ def ensure_wrk(allow_install: bool) -> tuple[str | None, str]:
 
 def wrk_version(wrk: str) -> str:
     proc = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
-    return (
-        (proc.stdout or proc.stderr).splitlines()[0].strip()
-        if (proc.stdout or proc.stderr)
-        else "?"
-    )
+    words = (proc.stdout or proc.stderr).split()
+    return " ".join(words[:2]) if words else "wrk ?"  # "wrk debian/4.1.0-3+b2 [epoll] ..."
 
 
 def _lua_string(text: str) -> str:

@@ -22,6 +22,8 @@ END = "<!-- benchmarks:end -->"
 # Within this fraction of the reference counts as on par rather than ahead or behind.
 PAR = 0.05
 TIMES = "\N{MULTIPLICATION SIGN}"
+# Machine-wide CPU busy (in cores) before a scenario above which its figures are flagged.
+BUSY_CORES = 0.3
 
 
 def _cmd(args: list[str]) -> str:
@@ -134,7 +136,14 @@ METRICS = [
     Metric("sse", "RSS with idle SSE readers open", _dig("rss_with_readers_mb"), "MB", False, 200),
     Metric("sse", "RSS before readers", _dig("rss_before_mb"), "MB", False),
     Metric("sse", "RSS per SSE reader", _dig("rss_per_reader_kb"), "KB", False),
-    Metric("sse", "live fan-out delivery p99", _dig("live_delivery_ms", "p99"), "ms", False),
+    Metric("sse", "time to open all SSE readers", _dig("open_seconds"), "s", False),
+    Metric(
+        "sse",
+        "append → idle SSE reader p99 (32 at once)",
+        _dig("live_delivery_ms", "p99"),
+        "ms",
+        False,
+    ),
 ]
 
 
@@ -194,14 +203,20 @@ def _scenario(results: dict[str, Any], server: str, scenario: str) -> dict[str, 
     return res if isinstance(res, dict) and "error" not in res else None
 
 
+def passed(res: dict[str, Any]) -> bool:
+    return res.get("ok") is not False and res.get("verify", {}).get("ok") is not False
+
+
 def _check_text(scenario: str, res: dict[str, Any] | None) -> str:
     if res is None:
         return "—"
     if scenario in ("appends", "appends_many"):
         v = res["verify"]
         verdict = "pass" if v["ok"] else "**FAIL**"
-        return f"{verdict}: {v['stored']:,} stored / {v['acknowledged_2xx']:,} acknowledged" + (
-            f", {v['mismatched_messages']} altered" if v["mismatched_messages"] else ""
+        return (
+            f"{verdict}: {v['stored']:,} stored / {v['acknowledged_2xx']:,} acknowledged"
+            + (f", {v['non_2xx']:,} non-2xx" if v.get("non_2xx") else "")
+            + (f", {v['mismatched_messages']} altered" if v["mismatched_messages"] else "")
         )
     if scenario == "longpoll":
         return (
@@ -212,9 +227,15 @@ def _check_text(scenario: str, res: dict[str, Any] | None) -> str:
             f"{'pass' if res['ok'] else '**FAIL**'}: {res['bytes'] / 1e6:.0f} MB, sha256 compared"
         )
     if scenario == "sse":
+        failed_appends = res["readers"] - res.get("live_appends_2xx", res["readers"])
         return (
             f"{'pass' if res['ok'] else '**FAIL**'}: {res['opened']}/{res['readers']} opened, "
             f"{res['live_delivered']}/{res['readers']} got a live append"
+            + (
+                f" ({failed_appends} appends failed: {res['live_append_statuses']})"
+                if failed_appends
+                else ""
+            )
         )
     return "—"
 
@@ -264,6 +285,13 @@ def markdown(results: dict[str, Any]) -> str:
         standing = _standing(m, ours, ref)
         target_ok = _meets_target(m, ours, ref)
         verdict = []
+        ours_cell, ref_cell = _fmt(ours, m.unit), _fmt(ref, m.unit)
+        if ours_res is not None and not passed(ours_res):
+            ours_cell += " †"
+            verdict.append("**ours failed its check †**")
+            target_ok = None
+        if ref_res is not None and not passed(ref_res):
+            ref_cell += " †"
         if target_ok is True:
             verdict.append("meets target")
             met.append(m.label)
@@ -273,14 +301,22 @@ def markdown(results: dict[str, Any]) -> str:
         if standing == "behind":
             verdict.append("**behind reference**")
             behind.append(f"{m.label}: ours {_fmt(ours, m.unit)} vs reference {_fmt(ref, m.unit)}")
+        elif standing == "ahead":
+            verdict.append("ahead of reference")
         elif standing:
-            verdict.append(f"{standing} vs reference")
+            verdict.append("on par with reference")
         lines.append(
-            f"| {m.scenario} | {m.label} | {_target_text(m)} | {_fmt(ours, m.unit)} | "
-            f"{_fmt(ref, m.unit)} | {f'{ratio:.2f}{TIMES}' if ratio else '—'} | "
+            f"| {m.scenario} | {m.label} | {_target_text(m)} | {ours_cell} | "
+            f"{ref_cell} | {f'{ratio:.2f}{TIMES}' if ratio else '—'} | "
             f"{'; '.join(verdict) or '—'} |"
         )
-    lines += ["", "**Correctness checks** (a benchmark whose check fails does not count):", ""]
+    lines += [
+        "",
+        "† that server failed this scenario's correctness check (below): read with care.",
+        "",
+        "**Correctness checks:**",
+        "",
+    ]
     lines += ["| Scenario | Ours | Reference |", "|---|---|---|"]
     for scenario in results["config"]["scenarios"]:
         cells = []
@@ -314,6 +350,18 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if failed:
         lines.append("- **Failed or unverified scenarios:** " + ", ".join(failed) + ".")
+    busy = [
+        f"{name}/{scenario} ({res['background_cpu_cores']:g} cores)"
+        for name, srv in results["servers"].items()
+        for scenario, res in srv.get("scenarios", {}).items()
+        if isinstance(res, dict) and res.get("background_cpu_cores", 0) > BUSY_CORES
+    ]
+    if busy:
+        lines.append(
+            "- **Other work was using the CPU when these started, so their figures are noisy:** "
+            + ", ".join(busy)
+            + "."
+        )
     return "\n".join(lines)
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import httpx
 
-from benchmarks.loadgen import percentiles, run_load
+from benchmarks.loadgen import LoadResult, percentiles, run_load
+from benchmarks.rawhttp import RawHttp, client_ceiling_mb_per_s
 from benchmarks.servers import Server
 
 JSON = "application/json"
@@ -83,6 +84,20 @@ def _read_all(
     raise RuntimeError(f"{path}: not up to date after {max_requests} reads")
 
 
+def _settle(client: httpx.Client, server: Server, paths: list[str], limit_s: float = 30) -> None:
+    """Wait until no stream's tail moves for half a second (in-flight appends have landed)."""
+    previous: list[str] | None = None
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        tails = [
+            client.head(server.stream_url(p)).headers.get("Stream-Next-Offset", "") for p in paths
+        ]
+        if tails == previous:
+            return
+        previous = tails
+        time.sleep(0.5)
+
+
 def _count_json_messages(
     client: httpx.Client, server: Server, path: str, expected: object
 ) -> tuple[int, int]:
@@ -105,43 +120,46 @@ def appends(server: Server, cfg: Config, streams: int = 1) -> Result:
     body = _json_body(100)
     expected = json.loads(body)
     paths = [f"{run}-s{i}" for i in range(streams)]
-    warm = [f"{run}-warmup-{i}" for i in range(streams)]
-    with httpx.Client(timeout=60.0) as client:
-        for path in paths + warm:
-            _create(client, server, path, JSON)
-    load = {
-        "content_type": JSON,
-        "connections": cfg.connections,
-        "max_requests": cfg.max_requests,
-    }
-    if cfg.warmup_s > 0:
-        run_load(
+    targets = [server.stream_path(p) for p in paths]
+
+    def load(duration_s: float) -> LoadResult:
+        return run_load(
             cfg.wrk,
             server.base_url,
-            [server.stream_path(p) for p in warm],
+            targets,
             body,
-            duration_s=cfg.warmup_s,
-            **load,  # type: ignore[arg-type]
+            content_type=JSON,
+            connections=cfg.connections,
+            duration_s=duration_s,
+            max_requests=cfg.max_requests,
         )
-    cpu0 = server.cpu_seconds()
-    result = run_load(
-        cfg.wrk,
-        server.base_url,
-        [server.stream_path(p) for p in paths],
-        body,
-        duration_s=cfg.duration_s,
-        **load,  # type: ignore[arg-type]
-    )
-    cpu = server.cpu_seconds() - cpu0
-    time.sleep(0.5)  # let requests still in flight when the generator stopped finish
-    stored = mismatched = 0
-    with httpx.Client(timeout=120.0) as client:
+
+    def stored_counts(client: httpx.Client) -> tuple[int, int]:
+        total = altered = 0
         for path in paths:
             count, bad = _count_json_messages(client, server, path, expected)
-            stored += count
-            mismatched += bad
+            total += count
+            altered += bad
+        return total, altered
+
+    with httpx.Client(timeout=120.0) as client:
+        for path in paths:
+            _create(client, server, path, JSON)
+        # Warm up on the same streams (the reference server keeps at most 100 write handles open;
+        # more streams written at once make it fail appends), then count what is already there.
+        if cfg.warmup_s > 0:
+            load(cfg.warmup_s)
+            _settle(client, server, paths)
+        baseline, _ = stored_counts(client)
+        cpu0 = server.cpu_seconds()
+        result = load(cfg.duration_s)
+        cpu = server.cpu_seconds() - cpu0
+        _settle(client, server, paths)  # requests in flight when the generator stopped finish
+        after, mismatched = stored_counts(client)
+    stored = after - baseline
     # The generator stops with up to one request in flight per connection: the server may store
-    # those without the generator counting their 2xx. Fewer stored than acknowledged is data loss.
+    # those without the generator counting their 2xx. Fewer stored than acknowledged is data loss;
+    # more than the connections' worth means failed (non-2xx) appends were stored anyway.
     extra = stored - result.ok
     durable_ok = 0 <= extra <= cfg.connections and mismatched == 0
     return {
@@ -155,7 +173,9 @@ def appends(server: Server, cfg: Config, streams: int = 1) -> Result:
         "server_cpu_ms_per_append": round(cpu * 1000 / result.ok, 4) if result.ok else None,
         "verify": {
             "acknowledged_2xx": result.ok,
+            "non_2xx": sum(result.non_2xx.values()),
             "stored": stored,
+            "stored_before_run": baseline,
             "stored_minus_acknowledged": extra,
             "allowed_extra": cfg.connections,
             "mismatched_messages": mismatched,
@@ -174,7 +194,7 @@ def appends_many(server: Server, cfg: Config) -> Result:
 def longpoll(server: Server, cfg: Config) -> Result:
     """A reader loops GET ?live=long-poll; a writer appends timestamped messages with small gaps."""
     path = f"{_run_id()}-longpoll"
-    url = server.stream_url(path)
+    target = server.stream_path(path)
     total = cfg.longpoll_messages
     received: dict[int, float] = {}
     reader_error: list[str] = []
@@ -185,26 +205,26 @@ def longpoll(server: Server, cfg: Config) -> Result:
 
     def reader() -> None:
         offset, cursor = start_offset, None
-        with httpx.Client(timeout=60.0) as client:
+        with RawHttp(server.base_url) as client:
             while len(received) < total and time.monotonic() < deadline:
                 # Query parameters in lexicographic order, as the protocol recommends.
-                params: dict[str, str] = {"cursor": cursor} if cursor else {}
-                params |= {"live": "long-poll", "offset": offset}
+                query: dict[str, str] = {"cursor": cursor} if cursor else {}
+                query |= {"live": "long-poll", "offset": offset}
                 try:
-                    resp = client.get(url, params=params)
-                except httpx.HTTPError as exc:
+                    resp = client.request("GET", target, query)
+                except (OSError, ValueError) as exc:
                     reader_error.append(repr(exc))
                     return
                 now = time.perf_counter_ns()
                 reader_requests[0] += 1
-                if resp.status_code == 200:
-                    for message in resp.json():
+                if resp.status == 200:
+                    for message in json.loads(resp.body):
                         received[message["i"]] = (now - message["t"]) / 1e6
-                elif resp.status_code != 204:
-                    reader_error.append(f"GET -> {resp.status_code}")
+                elif resp.status != 204:
+                    reader_error.append(f"GET -> {resp.status}")
                     return
-                offset = resp.headers["Stream-Next-Offset"]
-                cursor = resp.headers.get("Stream-Cursor")
+                offset = resp.headers["stream-next-offset"]
+                cursor = resp.headers.get("stream-cursor")
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
@@ -212,15 +232,15 @@ def longpoll(server: Server, cfg: Config) -> Result:
     rng = random.Random(7)
     append_ms: list[float] = []
     pad = "y" * 40
-    with httpx.Client(timeout=30.0) as client:
+    with RawHttp(server.base_url) as client:
         for i in range(total):
             time.sleep(rng.uniform(*cfg.longpoll_gap_ms) / 1000)
             sent = time.perf_counter_ns()
-            body = json.dumps({"i": i, "t": sent, "pad": pad})
-            resp = client.post(url, content=body, headers={"Content-Type": JSON})
+            body = json.dumps({"i": i, "t": sent, "pad": pad}).encode()
+            resp = client.request("POST", target, headers={"Content-Type": JSON}, body=body)
             append_ms.append((time.perf_counter_ns() - sent) / 1e6)
-            if resp.status_code // 100 != 2:
-                raise RuntimeError(f"append -> {resp.status_code}: {resp.text[:200]}")
+            if resp.status // 100 != 2:
+                raise RuntimeError(f"append -> {resp.status}: {resp.body[:200]!r}")
     thread.join(timeout=max(1.0, deadline - time.monotonic()))
     latencies = [received[i] for i in sorted(received)]
     return {
@@ -237,33 +257,44 @@ def longpoll(server: Server, cfg: Config) -> Result:
 # --- Catch-up read of a large stream ------------------------------------------------------
 
 
+def _raw_read_all(client: RawHttp, target: str, limit: int = 100_000) -> tuple[list[bytes], int]:
+    offset, bodies = "-1", []
+    for n in range(1, limit + 1):
+        resp = client.request("GET", target, {"offset": offset}, {"Accept-Encoding": "identity"})
+        if resp.status != 200:
+            raise RuntimeError(f"GET {target}?offset={offset} -> {resp.status}")
+        bodies.append(resp.body)
+        offset = resp.headers["stream-next-offset"]
+        if resp.headers.get("stream-up-to-date", "").lower() == "true":
+            return bodies, n
+    raise RuntimeError(f"{target}: not up to date after {limit} reads")
+
+
 def catchup(server: Server, cfg: Config) -> Result:
     """Write ~64 MB in 64 KB appends, then read it back from -1 following Stream-Next-Offset."""
     path = f"{_run_id()}-catchup"
+    target = server.stream_path(path)
     chunk = cfg.catchup_chunk_kb * 1024
     count = cfg.catchup_mb * 1024 * 1024 // chunk
     digest = hashlib.sha256()
-    with httpx.Client(timeout=60.0) as client:
-        _create(client, server, path, OCTET)
+    with httpx.Client(timeout=60.0) as setup:
+        _create(setup, server, path, OCTET)
+    with RawHttp(server.base_url) as client:
         t0 = time.perf_counter()
         for _ in range(count):
             data = os.urandom(chunk)
             digest.update(data)
-            resp = client.post(
-                server.stream_url(path), content=data, headers={"Content-Type": OCTET}
-            )
-            if resp.status_code // 100 != 2:
-                raise RuntimeError(f"append -> {resp.status_code}: {resp.text[:200]}")
+            resp = client.request("POST", target, headers={"Content-Type": OCTET}, body=data)
+            if resp.status // 100 != 2:
+                raise RuntimeError(f"append -> {resp.status}: {resp.body[:200]!r}")
         write_s = time.perf_counter() - t0
     total = count * chunk
     reads: list[dict[str, Any]] = []
     verified = True
     for _ in range(cfg.catchup_reads):
-        with httpx.Client(
-            timeout=120.0
-        ) as client:  # a fresh connection per read, like a new client
+        with RawHttp(server.base_url, timeout=120.0) as client:  # a new connection, a new client
             t0 = time.perf_counter()
-            bodies, requests = _read_all(client, server, path)
+            bodies, requests = _raw_read_all(client, target)
             elapsed = time.perf_counter() - t0
         got = sum(len(b) for b in bodies)
         same = got == total and hashlib.sha256(b"".join(bodies)).digest() == digest.digest()
@@ -288,6 +319,7 @@ def catchup(server: Server, cfg: Config) -> Result:
         "reads": reads,
         "read_mb_per_s_median": rates[len(rates) // 2],
         "read_mb_per_s_best": rates[-1],
+        "client_ceiling_mb_per_s": client_ceiling_mb_per_s(min(total, 64 * 1024 * 1024)),
         "ok": verified,
     }
 
@@ -447,10 +479,11 @@ async def _sse(server: Server, cfg: Config) -> Result:
                 )
                 return resp.status_code
 
-            await _gather_limited(32, paths, append)
+            append_status = await _gather_limited(32, paths, append)
+            acked = [r for r, s in zip(readers, append_status, strict=True) if 200 <= s < 300]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    asyncio.gather(*(r.got_data.wait() for r in readers)), timeout=30
+                    asyncio.gather(*(r.got_data.wait() for r in acked)), timeout=30
                 )
             delivered = [
                 (r.data_at_ns - sent_at[p]) / 1e6
@@ -475,10 +508,14 @@ async def _sse(server: Server, cfg: Config) -> Result:
         "rss_with_readers_mb": round(rss_after / mb, 1),
         "rss_delta_mb": round((rss_after - rss_before) / mb, 1),
         "rss_per_reader_kb": round((rss_after - rss_before) / 1024 / n, 1),
+        "live_appends_2xx": len(acked),
+        "live_append_statuses": {
+            str(code): append_status.count(code) for code in sorted(set(append_status))
+        },
         "live_delivered": len(delivered),
         "live_delivery_ms": percentiles(delivered),
         "errors": errors[:5],
-        "ok": opened == n and still_open == n and len(delivered) == n,
+        "ok": opened == n and still_open == n and len(acked) == n and len(delivered) == n,
     }
 
 

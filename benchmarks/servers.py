@@ -85,6 +85,20 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def background_cpu(seconds: float = 1.0) -> float:
+    """Cores' worth of CPU busy machine-wide over a short sample (other work skews results)."""
+
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    busy0, total0 = sample()
+    time.sleep(seconds)
+    busy1, total1 = sample()
+    return round((busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1), 2)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
