@@ -73,12 +73,19 @@ def _prepare_sqlite(url: URL, sync_engine: Engine, begin_sql: str) -> None:
         conn.exec_driver_sql(begin_sql)
 
 
-def create_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> AsyncEngine:
-    """The async engine of request handlers (reads; the stream writer has its own)."""
+def create_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 20, immediate: bool = False
+) -> AsyncEngine:
+    """An async engine for request handlers (the stream writer has its own).
+
+    On SQLite, `immediate=True` starts transactions with BEGIN IMMEDIATE: for engines whose
+    transactions write, so a read-then-write never fails on a lock upgrade. Read-only engines
+    keep plain BEGIN so readers never queue behind writers.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_async_engine(url, pool_size=pool_size, max_overflow=max_overflow)
-        _prepare_sqlite(parsed, engine.sync_engine, "BEGIN")
+        _prepare_sqlite(parsed, engine.sync_engine, "BEGIN IMMEDIATE" if immediate else "BEGIN")
         return engine
     return create_async_engine(
         url,

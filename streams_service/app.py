@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import anthropic
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -29,7 +30,13 @@ from streams_service.errors import (
     http_exception_handler,
     validation_error_handler,
 )
+from streams_service.llm.models import load_catalog
+from streams_service.llm.simulator import SimulatorConfig, run_simulator
 from streams_service.middleware import SecurityHeadersMiddleware
+from streams_service.sessions import repository as session_repo
+from streams_service.sessions.generation import GenerationManager, recover_interrupted
+from streams_service.sessions.routes import router as sessions_router
+from streams_service.sessions.service import SessionService
 
 log = structlog.get_logger(__name__)
 
@@ -77,8 +84,76 @@ class Services:
     read_engine: AsyncEngine
     hub: LiveHub
     store: StreamStore
-    listener: PostgresListener | None
-    sweeper: asyncio.Task[None]
+    sessions: SessionService
+    generations: GenerationManager
+
+
+async def _start_services(settings: Settings, stack: contextlib.AsyncExitStack) -> Services:
+    """Start everything in dependency order; the exit stack stops it in reverse."""
+    read_engine = create_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+    )
+    stack.push_async_callback(read_engine.dispose)
+    # On SQLite, transactions that write use their own engine (BEGIN IMMEDIATE); on Postgres
+    # one pool serves both.
+    app_engine = read_engine
+    if settings.is_sqlite:
+        app_engine = create_engine(settings.database_url, pool_size=5, immediate=True)
+        stack.push_async_callback(app_engine.dispose)
+    sessionmaker = async_sessionmaker(app_engine, expire_on_commit=False)
+
+    hub = LiveHub()
+    store = StreamStore(settings.database_url, read_engine, hub)
+    await store.start()
+    stack.push_async_callback(store.stop)
+    stack.callback(hub.notify_all)  # live readers re-check and end before the store stops
+    if not settings.is_sqlite:
+        listener = PostgresListener(settings.database_url, hub)
+        await listener.start()
+        stack.push_async_callback(listener.stop)
+    stack.push_async_callback(_cancel, asyncio.create_task(_sweep_forever(store, settings)))
+
+    if settings.simulated:
+        # No key: Claude is our simulator, served on a loopback port, through the same SDK path.
+        base_url = await stack.enter_async_context(
+            run_simulator(
+                SimulatorConfig(
+                    ttft_ms=settings.simulator_ttft_ms, tokens_per_s=settings.simulator_tokens_per_s
+                )
+            )
+        )
+        api_key = "simulated"
+    else:
+        base_url, api_key = settings.anthropic_base_url, settings.anthropic_api_key or ""
+    client = anthropic.AsyncAnthropic(
+        base_url=base_url, api_key=api_key, max_retries=settings.anthropic_max_retries
+    )
+    stack.push_async_callback(client.close)
+    catalog = load_catalog()
+
+    async def search_history(user_id: str | None, query: str, limit: int) -> list[dict[str, Any]]:
+        async with sessionmaker() as db:
+            return await session_repo.search_messages(db, user_id, query, limit)
+
+    generations = GenerationManager(
+        settings, store, sessionmaker, client, search_history, catalog.title_model, hub.instance
+    )
+    try:
+        await recover_interrupted(sessionmaker, store, generations)
+    except Exception as exc:
+        # A database that is down at boot must not stop the process: readiness reports it.
+        log.warning("recovery_skipped", error=type(exc).__name__)
+    stack.push_async_callback(generations.shutdown, settings.drain_timeout_s)
+    sessions = SessionService(settings, store, sessionmaker, generations, catalog)
+    return Services(settings, read_engine, hub, store, sessions, generations)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -86,40 +161,20 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        read_engine = create_engine(
-            settings.database_url,
-            pool_size=settings.db_pool_size,
-            max_overflow=settings.db_max_overflow,
-        )
-        hub = LiveHub()
-        store = StreamStore(settings.database_url, read_engine, hub)
-        await store.start()
-        listener = None
-        if not settings.is_sqlite:
-            listener = PostgresListener(settings.database_url, hub)
-            await listener.start()
-        sweeper = asyncio.create_task(_sweep_forever(store, settings.streams_sweep_interval_s))
-        routes = StreamRoutes(
-            store,
-            hub,
-            long_poll_timeout_s=settings.streams_long_poll_timeout_ms / 1000,
-            sse_max_duration_s=settings.streams_sse_max_duration_s,
-            max_append_bytes=settings.streams_max_append_bytes,
-            max_read_bytes=settings.streams_max_read_bytes,
-        )
-        stream_routes.append(routes)
-        app.state.services = Services(settings, read_engine, hub, store, listener, sweeper)
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            services = await _start_services(settings, stack)
+            stream_routes.append(
+                StreamRoutes(
+                    services.store,
+                    services.hub,
+                    long_poll_timeout_s=settings.streams_long_poll_timeout_ms / 1000,
+                    sse_max_duration_s=settings.streams_sse_max_duration_s,
+                    max_append_bytes=settings.streams_max_append_bytes,
+                    max_read_bytes=settings.streams_max_read_bytes,
+                )
+            )
+            app.state.services = services
             yield
-        finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
-            hub.notify_all()
-            await store.stop()
-            if listener is not None:
-                await listener.stop()
-            await read_engine.dispose()
 
     app = ChatopsAPI(title="chatops streams service", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -149,6 +204,7 @@ def create_app(settings: Settings) -> FastAPI:
             )
         return JSONResponse({"status": "ready"})
 
+    app.include_router(sessions_router)
     app.add_exception_handler(AppError, app_error_handler)
     app.add_exception_handler(HTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
@@ -184,17 +240,12 @@ def _cors_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-async def _sweep_forever(store: StreamStore, interval_s: float) -> None:
+async def _sweep_forever(store: StreamStore, settings: Settings) -> None:
     while True:
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(settings.streams_sweep_interval_s)
         try:
             removed = await store.sweep()
             if removed:
                 log.info("streams_swept", removed=removed)
         except Exception as exc:
             log.warning("sweep_failed", error=type(exc).__name__)
-
-
-def app_from_env() -> FastAPI:
-    """Factory for uvicorn's worker processes: each builds its app from the environment."""
-    return create_app(Settings())

@@ -46,6 +46,20 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulator(args: argparse.Namespace) -> int:
+    from streams_service.llm.simulator import SimulatorConfig, serve_simulator
+
+    try:
+        config = SimulatorConfig(
+            ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s, output_tokens=args.output_tokens
+        )
+    except ValueError as exc:
+        print(f"chatops simulator: {exc}", file=sys.stderr)
+        return 2
+    serve_simulator(config, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatops", description="chatops: Claude chat on durable streams"
@@ -56,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.set_defaults(func=_serve)
+
+    simulator = sub.add_parser(
+        "simulator", help="run the local Anthropic Messages API simulator (offline Claude)"
+    )
+    simulator.add_argument("--host", default="127.0.0.1")
+    simulator.add_argument("--port", type=int, default=8090)
+    simulator.add_argument("--ttft-ms", type=float, default=300.0, help="delay to first event")
+    simulator.add_argument("--tokens-per-s", type=float, default=80.0, help="0 = unpaced")
+    simulator.add_argument("--output-tokens", type=int, default=60, help="reply length")
+    simulator.set_defaults(func=_simulator)
 
     db = sub.add_parser("db", help="database administration")
     db_sub = db.add_subparsers(dest="db_command", required=True)

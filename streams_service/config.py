@@ -33,6 +33,31 @@ class Settings(BaseSettings):
     streams_sweep_interval_s: float = Field(default=30.0, gt=0)
     # Comma-separated origins allowed by CORS; "*" allows any (dev default).
     cors_origins: str = "*"
+    # Claude. With no key the service runs its built-in simulator (model shown as "simulated").
+    anthropic_api_key: str | None = None
+    anthropic_base_url: str = "https://api.anthropic.com"
+    anthropic_max_retries: int = Field(default=2, ge=0, le=10)
+    # Largest user message, in bytes of UTF-8 (413 beyond).
+    message_max_bytes: int = Field(default=100 * 1024, ge=1)
+    # max_tokens of each upstream call.
+    generation_max_output_tokens: int = Field(default=4096, ge=1)
+    # A generation that receives nothing from upstream for this long is ended (watchdog).
+    generation_stall_timeout_s: float = Field(default=60.0, gt=0)
+    # A tool call nobody approves or denies within this long is denied.
+    approval_timeout_s: float = Field(default=300.0, gt=0)
+    # Upstream calls one generation may make in a tool loop.
+    max_tool_turns: int = Field(default=8, ge=1, le=50)
+    # Per-session spending cap in USD (overridable per session at create); 0 disables it.
+    session_budget_usd: float = Field(default=5.0, ge=0)
+    # Delta coalescing: a generation writes at most every this many ms, or sooner past this
+    # many characters, so a busy stream costs a few writes per second, not one per token.
+    stream_flush_interval_ms: int = Field(default=40, ge=1)
+    stream_flush_chars: int = Field(default=300, ge=1)
+    # On shutdown, running generations get this long to finish; the rest end as interrupted.
+    drain_timeout_s: float = Field(default=25.0, ge=0)
+    # Pace of the built-in simulator when no API key is set.
+    simulator_ttft_ms: int = Field(default=300, ge=0)
+    simulator_tokens_per_s: float = Field(default=80.0, gt=0)
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
     log_level: str = "INFO"
@@ -41,6 +66,10 @@ class Settings(BaseSettings):
     @classmethod
     def _normalize_db(cls, value: str) -> str:
         return normalize_database_url(value)
+
+    @property
+    def simulated(self) -> bool:
+        return not self.anthropic_api_key
 
     @property
     def is_sqlite(self) -> bool:

@@ -1,0 +1,153 @@
+"""Writes one assistant message's AG-UI events to its session stream, coalescing deltas.
+
+Token deltas arrive tens of times a second; each append is a durable write. Consecutive deltas of
+the same kind are merged and written at most every `flush_interval` (or once `flush_chars`
+characters are pending), so a busy generation costs a handful of writes per second. Structural
+events (starts, ends, tool calls, errors) go out with whatever is pending, in order.
+
+Every append carries idempotent-producer headers (`gen-<generation id>`, epoch 0, seq n): a retry
+after a storage error can never write a batch twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import structlog
+
+from streams_service.durable.model import AppendRequest, Producer
+from streams_service.durable.offsets import format_offset
+from streams_service.durable.store import StreamStore
+from streams_service.sessions import records
+
+log = structlog.get_logger(__name__)
+
+# Delta events that merge with an immediately preceding event of the same kind and target.
+_MERGEABLE = {
+    "TEXT_MESSAGE_CONTENT": ("messageId", "delta"),
+    "STEP_FINISHED": ("stepId", "delta"),
+    "TOOL_CALL_ARGS": ("toolCallId", "delta"),
+}
+
+
+class ChunkWriter:
+    def __init__(
+        self,
+        store: StreamStore,
+        stream_path: str,
+        *,
+        message_id: str,
+        producer_id: str,
+        actor_id: str = "claude",
+        flush_interval_s: float = 0.04,
+        flush_chars: int = 300,
+    ) -> None:
+        self._store = store
+        self._path = stream_path
+        self._message_id = message_id
+        self._producer_id = producer_id
+        self._actor_id = actor_id
+        self._interval = flush_interval_s
+        self._flush_chars = flush_chars
+        self._pending: list[dict[str, Any]] = []
+        self._pending_chars = 0
+        self._pending_since: float | None = None
+        self._seq = 0  # chunk seq within the message
+        self._producer_seq = 0
+        self._inflight: bytes | None = None
+        self._lock = asyncio.Lock()
+        self._ticker: asyncio.Task[None] | None = None
+        self.last_offset: str | None = None
+        self.appends = 0
+
+    async def __aenter__(self) -> ChunkWriter:
+        self._ticker = asyncio.create_task(self._tick(), name=f"chunks-{self._message_id}")
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        await self.flush()
+
+    async def emit(self, event: dict[str, Any], *, flush: bool = False) -> None:
+        """Queue an event. Deltas wait to be merged; anything else is written with them at once."""
+        merge = _MERGEABLE.get(event["type"])
+        last = self._pending[-1] if self._pending else None
+        if merge is not None:
+            target, text_field = merge
+            if (
+                last is not None
+                and last["type"] == event["type"]
+                and last.get(target) == event.get(target)
+            ):
+                last[text_field] = last.get(text_field, "") + event.get(text_field, "")
+            else:
+                self._pending.append(dict(event))
+            self._pending_chars += len(event.get(text_field, ""))
+            if self._pending_since is None:
+                self._pending_since = time.monotonic()
+            if self._pending_chars >= self._flush_chars or flush:
+                await self.flush()
+            return
+        self._pending.append(dict(event))
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write what is pending. A batch that failed is retried as it was, under the same
+        producer seq, before anything newer: if its first attempt did commit, the retry is
+        recognised as a duplicate instead of writing it twice."""
+        async with self._lock:
+            while True:
+                if self._inflight is None:
+                    if not self._pending:
+                        return
+                    self._inflight = self._freeze()
+                await self._append(self._inflight)
+                self._inflight = None
+
+    def _freeze(self) -> bytes:
+        batch, self._pending = self._pending, []
+        self._pending_chars = 0
+        self._pending_since = None
+        created = records.now_iso()
+        rows = []
+        for event in batch:
+            rows.append(
+                records.chunk_record(
+                    message_id=self._message_id,
+                    actor_id=self._actor_id,
+                    role="assistant",
+                    seq=self._seq,
+                    chunk=event,
+                    created_at=created,
+                )
+            )
+            self._seq += 1
+        return records.encode(rows)
+
+    async def _append(self, body: bytes) -> None:
+        producer = Producer(self._producer_id, 0, self._producer_seq)
+        outcome = await self._store.append(
+            self._path,
+            AppendRequest(body=body, content_type="application/json", producer=producer),
+        )
+        self._producer_seq += 1
+        self.appends += 1
+        if outcome.next_offset_pos is not None:
+            self.last_offset = format_offset(outcome.next_offset_pos)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval / 2)
+            since = self._pending_since
+            if since is not None and time.monotonic() - since >= self._interval:
+                try:
+                    await self.flush()
+                except Exception as exc:
+                    # Kept for the next flush; the generation sees the error on its next write.
+                    log.warning("chunk_flush_failed", error=type(exc).__name__)

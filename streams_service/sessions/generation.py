@@ -1,0 +1,819 @@
+"""Generation as a task the service owns (DESIGN §2): it outlives the request that started it.
+
+A runner calls Claude through the official SDK (against the simulator when no key is set), maps
+the SDK's events to AG-UI events on the session stream, runs tools (asking for approval where a
+tool needs it), and persists the assistant message, usage and cost when it finishes, stops or
+fails. Only an explicit stop, the budget, a fault, the watchdog or shutdown ends it early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import anthropic
+import structlog
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from db.models import ChatMessage, ChatSession, Generation
+from streams_service.config import Settings
+from streams_service.durable.store import StreamStore
+from streams_service.llm import tools as tool_registry
+from streams_service.llm.models import ModelInfo, Usage, cost_usd, round_usd
+from streams_service.sessions import records
+from streams_service.sessions.chunks import ChunkWriter
+
+log = structlog.get_logger(__name__)
+
+RATELIMIT_PREFIX = "anthropic-ratelimit-"
+# A running generation marks itself alive this often; one silent for STALE_AFTER_S was left
+# behind by a crashed process.
+HEARTBEAT_S = 15.0
+STALE_AFTER_S = 60.0
+SYSTEM_PROMPT = (
+    "You are Claude, the assistant in the company's internal chat console. Staff use you for "
+    "their daily work. Be accurate and concise; use the tools you are given when they help."
+)
+
+
+class UpstreamCut(Exception):
+    """The upstream stream ended before `message_stop` (SDK 2.x raises nothing for this)."""
+
+
+class UpstreamStalled(Exception):
+    """Nothing arrived from upstream within the stall timeout (the watchdog fired)."""
+
+
+class BudgetExceeded(Exception):
+    pass
+
+
+@dataclass
+class GenerationSpec:
+    generation_id: str
+    session_id: str
+    user_id: str | None
+    message_id: str  # the assistant message this generation writes
+    model: ModelInfo
+    history: list[dict[str, Any]]  # Anthropic `messages` up to the user's turn
+    stream_path: str
+    budget_remaining: Decimal | None  # None: no cap
+    reserved_usd: Decimal
+    is_first_exchange: bool = False
+    first_user_text: str = ""
+
+
+@dataclass
+class Handle:
+    spec: GenerationSpec
+    task: asyncio.Task[None] | None = None
+    inner: asyncio.Task[str] | None = None
+    stop_reason: str | None = None  # "stopped" or "interrupted" once asked to end
+    approvals: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Part:
+    kind: str  # text | thinking | tool-call | tool-result
+    data: dict[str, Any]
+
+
+def classify_error(exc: BaseException) -> tuple[str, str]:
+    """(code, message) of a failed generation, in the codes the UI can explain."""
+    if isinstance(exc, anthropic.RateLimitError):
+        return "rate_limited", "Claude's rate limit was reached; try again shortly."
+    if isinstance(exc, anthropic.AuthenticationError | anthropic.PermissionDeniedError):
+        return "auth", "The service's Anthropic credentials were rejected."
+    if isinstance(
+        exc,
+        anthropic.BadRequestError | anthropic.NotFoundError | anthropic.UnprocessableEntityError,
+    ):
+        return "invalid_request", _upstream_message(exc, "Claude rejected the request.")
+    if isinstance(exc, anthropic.APIStatusError):
+        # 5xx, 529, and errors sent inside an open stream (status 200, e.g. overloaded_error).
+        return "overloaded", _upstream_message(exc, "Claude is overloaded; try again shortly.")
+    if isinstance(exc, UpstreamStalled):
+        return "upstream_cut", "Claude stopped responding; the answer so far is kept."
+    if isinstance(exc, UpstreamCut | anthropic.APIConnectionError):
+        return "upstream_cut", "The connection to Claude was cut; the answer so far is kept."
+    return "internal", "The generation failed unexpectedly."
+
+
+def _upstream_message(exc: anthropic.APIStatusError, fallback: str) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:300]
+    return fallback
+
+
+class GenerationManager:
+    """Runs generations of this process and lets routes stop them or answer approvals."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: StreamStore,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        client: anthropic.AsyncAnthropic,
+        search_history: Callable[[str | None, str, int], Awaitable[list[dict[str, Any]]]],
+        title_model: ModelInfo | None,
+        instance: str,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.sessionmaker = sessionmaker
+        self.client = client
+        self.search_history = search_history
+        self.title_model = title_model
+        self.instance = instance
+        self.running: dict[str, Handle] = {}
+
+    def start(self, spec: GenerationSpec) -> Handle:
+        handle = Handle(spec)
+        self.running[spec.session_id] = handle
+        handle.task = asyncio.create_task(
+            self._run(handle), name=f"generation-{spec.generation_id}"
+        )
+        return handle
+
+    async def stop(self, session_id: str, reason: str = "stopped") -> Handle | None:
+        handle = self.running.get(session_id)
+        if handle is None:
+            return None
+        if handle.stop_reason is None:
+            handle.stop_reason = reason
+        if handle.inner is not None:
+            handle.inner.cancel()
+        for future in handle.approvals.values():
+            if not future.done():
+                future.set_result(False)
+        return handle
+
+    def answer_approval(self, session_id: str, tool_call_id: str, approved: bool) -> bool:
+        handle = self.running.get(session_id)
+        future = handle.approvals.get(tool_call_id) if handle else None
+        if future is None or future.done():
+            return False
+        future.set_result(approved)
+        return True
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """Let running generations finish within `timeout_s`; end the rest as interrupted."""
+        handles = list(self.running.values())
+        if not handles:
+            return
+        waits = [asyncio.create_task(h.done.wait()) for h in handles]
+        _, pending = await asyncio.wait(waits, timeout=timeout_s)
+        for w in pending:
+            w.cancel()
+        for handle in list(self.running.values()):
+            await self.stop(handle.spec.session_id, reason="interrupted")
+        tasks = [h.task for h in handles if h.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+
+    async def _run(self, handle: Handle) -> None:
+        try:
+            await _Runner(self, handle).run()
+        except Exception:
+            log.exception("generation_crashed", generation_id=handle.spec.generation_id)
+        finally:
+            if self.running.get(handle.spec.session_id) is handle:
+                del self.running[handle.spec.session_id]
+            handle.done.set()
+
+
+class _Runner:
+    def __init__(self, manager: GenerationManager, handle: Handle) -> None:
+        self.m = manager
+        self.h = handle
+        self.spec = handle.spec
+        self.settings = manager.settings
+        self.parts: list[_Part] = []
+        self.text_open = False
+        self.usage_calls: list[Usage] = []
+        self.cost = Decimal(0)
+        self.started = time.monotonic()
+        self.ttft_ms: int | None = None
+        self.ratelimit: dict[str, str] | None = None
+        self.thinking_steps = 0
+        self.writer: ChunkWriter | None = None
+        self.output_chars = 0
+        self.current_input_tokens = 0
+
+    async def run(self) -> None:
+        spec = self.spec
+        async with ChunkWriter(
+            self.m.store,
+            spec.stream_path,
+            message_id=spec.message_id,
+            producer_id=f"gen-{spec.generation_id}",
+            flush_interval_s=self.settings.stream_flush_interval_ms / 1000,
+            flush_chars=self.settings.stream_flush_chars,
+        ) as writer:
+            self.writer = writer
+            await writer.emit(
+                records.event("RUN_STARTED", runId=spec.generation_id, threadId=spec.session_id)
+            )
+            inner = asyncio.create_task(self._turns())
+            self.h.inner = inner
+            heartbeat = asyncio.create_task(self._heartbeat())
+            error: BaseException | None = None
+            finish = "stop"
+            try:
+                finish = await inner
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                finish = self.h.stop_reason or "stopped"
+            except BudgetExceeded:
+                finish = "budget"
+            except Exception as exc:
+                error = exc
+            finally:
+                await cancel_quietly(heartbeat)
+            await self._finish(finish, error)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                async with self.m.sessionmaker.begin() as db:
+                    await db.execute(
+                        update(Generation)
+                        .where(Generation.id == self.spec.generation_id)
+                        .values(heartbeat_at=datetime.now(UTC))
+                    )
+            except Exception as exc:
+                log.warning("heartbeat_failed", error=type(exc).__name__)
+
+    # ------------------------------------------------------------------ the tool loop
+
+    async def _turns(self) -> str:
+        conversation = list(self.spec.history)
+        for _turn in range(self.settings.max_tool_turns):
+            final = await self._one_call(conversation)
+            stop_reason = final.stop_reason
+            if stop_reason != "tool_use":
+                return {
+                    "max_tokens": "length",
+                    "refusal": "content_filter",
+                }.get(stop_reason or "", "stop")
+            tool_uses = [b for b in final.content if b.type == "tool_use"]
+            results = []
+            for block in tool_uses:
+                results.append(await self._run_tool(block.id, block.name, dict(block.input)))
+            conversation.append(
+                {
+                    "role": "assistant",
+                    "content": [b.model_dump(exclude_none=True) for b in final.content],
+                }
+            )
+            conversation.append({"role": "user", "content": results})
+        return "tool_calls"
+
+    async def _one_call(self, conversation: list[dict[str, Any]]) -> Any:
+        spec = self.spec
+        params: dict[str, Any] = {
+            "model": spec.model.id,
+            "max_tokens": self.settings.generation_max_output_tokens,
+            "system": SYSTEM_PROMPT,
+            "messages": conversation,
+            "tools": tool_registry.tool_specs(),
+        }
+        thinking = _thinking_param(spec.model, self.settings.generation_max_output_tokens)
+        if thinking is not None:
+            params["thinking"] = thinking
+        stall = self.settings.generation_stall_timeout_s
+        saw_stop = False
+        async with self.m.client.messages.stream(**params) as stream:
+            self.ratelimit = {
+                k: v for k, v in stream.response.headers.items() if k.startswith(RATELIMIT_PREFIX)
+            }
+            iterator = stream.__aiter__()
+            while True:
+                try:
+                    event = await asyncio.wait_for(iterator.__anext__(), timeout=stall)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise UpstreamStalled() from None
+                if event.type == "message_start":
+                    self.current_input_tokens = _total_input(event.message.usage)
+                elif event.type == "message_stop":
+                    saw_stop = True
+                await self._on_event(event)
+            final = await stream.get_final_message()
+        usage = Usage.from_anthropic(final.usage)
+        self.usage_calls.append(usage)
+        self.cost += cost_usd(spec.model, usage)
+        if not saw_stop:
+            raise UpstreamCut()
+        return final
+
+    async def _on_event(self, event: Any) -> None:
+        assert self.writer is not None
+        kind = event.type
+        mid = self.spec.message_id
+        if kind == "content_block_start":
+            block = event.content_block
+            if block.type == "text":
+                if not self.text_open:
+                    self.text_open = True
+                    await self.writer.emit(
+                        records.event("TEXT_MESSAGE_START", messageId=mid, role="assistant")
+                    )
+                # Text after a tool call starts a new paragraph of the same message.
+                lead = "\n\n" if any(p.kind == "text" for p in self.parts) else ""
+                self.parts.append(_Part("text", {"type": "text", "content": lead}))
+                if lead:
+                    await self.writer.emit(
+                        records.event("TEXT_MESSAGE_CONTENT", messageId=mid, delta=lead)
+                    )
+            elif block.type == "thinking":
+                self.thinking_steps += 1
+                step = f"thinking-{self.thinking_steps}"
+                self.parts.append(
+                    _Part("thinking", {"type": "thinking", "content": "", "step": step})
+                )
+                await self.writer.emit(
+                    records.event("STEP_STARTED", stepId=step, stepType="thinking")
+                )
+            elif block.type == "tool_use":
+                self.parts.append(
+                    _Part(
+                        "tool-call",
+                        {
+                            "type": "tool-call",
+                            "id": block.id,
+                            "name": block.name,
+                            "arguments": "",
+                            "state": "input-streaming",
+                        },
+                    )
+                )
+                await self.writer.emit(
+                    records.event(
+                        "TOOL_CALL_START",
+                        toolCallId=block.id,
+                        toolName=block.name,
+                        index=event.index,
+                    )
+                )
+        elif kind == "content_block_delta":
+            delta = event.delta
+            if delta.type == "text_delta" and self.parts and self.parts[-1].kind == "text":
+                self._first_token()
+                self.parts[-1].data["content"] += delta.text
+                self.output_chars += len(delta.text)
+                await self.writer.emit(
+                    records.event("TEXT_MESSAGE_CONTENT", messageId=mid, delta=delta.text)
+                )
+            elif (
+                delta.type == "thinking_delta" and self.parts and self.parts[-1].kind == "thinking"
+            ):
+                self._first_token()
+                part = self.parts[-1].data
+                part["content"] += delta.thinking
+                self.output_chars += len(delta.thinking)
+                await self.writer.emit(
+                    records.event("STEP_FINISHED", stepId=part["step"], delta=delta.thinking)
+                )
+            elif (
+                delta.type == "input_json_delta"
+                and self.parts
+                and self.parts[-1].kind == "tool-call"
+            ):
+                part = self.parts[-1].data
+                part["arguments"] += delta.partial_json
+                self.output_chars += len(delta.partial_json)
+                await self.writer.emit(
+                    records.event("TOOL_CALL_ARGS", toolCallId=part["id"], delta=delta.partial_json)
+                )
+            self._check_budget()
+        elif kind == "content_block_stop":
+            block = getattr(event, "content_block", None)
+            if block is not None and block.type == "tool_use":
+                for done in reversed(self.parts):
+                    if done.kind == "tool-call" and done.data["id"] == block.id:
+                        done.data["arguments"] = json.dumps(block.input)
+                        done.data["state"] = "input-complete"
+                        break
+                await self.writer.emit(
+                    records.event(
+                        "TOOL_CALL_END", toolCallId=block.id, toolName=block.name, input=block.input
+                    )
+                )
+
+    def _first_token(self) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = int((time.monotonic() - self.started) * 1000)
+
+    def _check_budget(self) -> None:
+        remaining = self.spec.budget_remaining
+        if remaining is None:
+            return
+        # Output so far, estimated from characters (about 4 per token) until usage arrives.
+        estimate = Usage(
+            input_tokens=self.current_input_tokens,
+            output_tokens=self.output_chars // 4,
+            cache_read_tokens=0,
+            cache_write_5m_tokens=0,
+            cache_write_1h_tokens=0,
+        )
+        if self.cost + cost_usd(self.spec.model, estimate) > remaining:
+            raise BudgetExceeded()
+
+    async def _run_tool(
+        self, tool_call_id: str, name: str, tool_input: dict[str, Any]
+    ) -> dict[str, Any]:
+        assert self.writer is not None
+        tool = tool_registry.get_tool(name)
+        part = next(
+            (
+                p
+                for p in reversed(self.parts)
+                if p.kind == "tool-call" and p.data["id"] == tool_call_id
+            ),
+            None,
+        )
+        approved = True
+        if tool is not None and tool.requires_approval:
+            approved = await self._ask_approval(tool_call_id, name, tool_input, part)
+        if tool is None:
+            result = tool_registry.ToolResult(f"unknown tool {name!r}", is_error=True)
+        elif not approved:
+            result = tool_registry.ToolResult("User denied permission", is_error=True)
+        else:
+            ctx = tool_registry.ToolContext(
+                user_id=self.spec.user_id,
+                session_id=self.spec.session_id,
+                search_history=lambda q, limit: self.m.search_history(self.spec.user_id, q, limit),
+            )
+            try:
+                result = await tool.run(tool_input, ctx)
+            except Exception as exc:
+                result = tool_registry.ToolResult(
+                    f"tool failed: {type(exc).__name__}", is_error=True
+                )
+        content = tool_registry.sanitize_tool_output(result.content)
+        if part is not None:
+            part.data["output"] = content
+        self.parts.append(
+            _Part(
+                "tool-result",
+                {
+                    "type": "tool-result",
+                    "toolCallId": tool_call_id,
+                    "content": content,
+                    "state": "error" if result.is_error else "complete",
+                },
+            )
+        )
+        await self.writer.emit(
+            records.event("TOOL_CALL_END", toolCallId=tool_call_id, toolName=name, result=content)
+        )
+        return {
+            "type": "tool_result",
+            "tool_use_id": tool_call_id,
+            "content": content,
+            "is_error": result.is_error,
+        }
+
+    async def _ask_approval(
+        self, tool_call_id: str, name: str, tool_input: dict[str, Any], part: _Part | None
+    ) -> bool:
+        assert self.writer is not None
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.h.approvals[tool_call_id] = future
+        if part is not None:
+            part.data["state"] = "approval-requested"
+            part.data["approval"] = {"id": tool_call_id, "needsApproval": True}
+        await self.writer.emit(
+            records.event(
+                "CUSTOM",
+                name="approval-requested",
+                data={
+                    "toolCallId": tool_call_id,
+                    "toolName": name,
+                    "input": tool_input,
+                    "approval": {"id": tool_call_id, "needsApproval": True},
+                },
+            )
+        )
+        reason = "answered"
+        try:
+            approved = await asyncio.wait_for(
+                asyncio.shield(future), timeout=self.settings.approval_timeout_s
+            )
+        except TimeoutError:
+            approved, reason = False, "timeout"
+        finally:
+            self.h.approvals.pop(tool_call_id, None)
+        if self.h.stop_reason is not None:
+            raise asyncio.CancelledError()
+        if part is not None:
+            part.data["state"] = "approval-responded"
+            part.data["approval"]["approved"] = approved
+        await self.writer.emit(
+            records.event(
+                "CUSTOM",
+                name="approval-responded",
+                data={"toolCallId": tool_call_id, "approved": approved, "reason": reason},
+            )
+        )
+        return approved
+
+    # ------------------------------------------------------------------ the end
+
+    async def _finish(self, finish: str, error: BaseException | None) -> None:
+        assert self.writer is not None
+        spec = self.spec
+        if self.text_open:
+            await self.writer.emit(records.event("TEXT_MESSAGE_END", messageId=spec.message_id))
+        code = message = None
+        status = (
+            "completed" if finish in ("stop", "length", "content_filter", "tool_calls") else finish
+        )
+        if error is not None:
+            code, message = classify_error(error)
+            status = "error"
+            if code == "internal":
+                log.error(
+                    "generation_failed",
+                    generation_id=spec.generation_id,
+                    error=type(error).__name__,
+                )
+        elif finish == "interrupted":
+            code, message = (
+                "interrupted",
+                "The service restarted during this answer; it is kept as far as it got.",
+            )
+        if (
+            not self.usage_calls
+            and error is None
+            and finish in ("stopped", "interrupted", "budget")
+        ):
+            # Ended before upstream reported usage: charge the visible output as an estimate.
+            self.cost += cost_usd(
+                spec.model,
+                Usage(input_tokens=self.current_input_tokens, output_tokens=self.output_chars // 4),
+            )
+        usage = _sum_usage(self.usage_calls)
+        persisted = await self._persist(
+            status, finish if error is None else None, code, message, usage
+        )
+        usage_event = {
+            "promptTokens": usage.input_tokens
+            + usage.cache_read_tokens
+            + usage.cache_write_5m_tokens
+            + usage.cache_write_1h_tokens,
+            "completionTokens": usage.output_tokens,
+            "totalTokens": usage.input_tokens
+            + usage.cache_read_tokens
+            + usage.cache_write_5m_tokens
+            + usage.cache_write_1h_tokens
+            + usage.output_tokens,
+        }
+        if code is not None:
+            await self.writer.emit(
+                records.event(
+                    "RUN_ERROR", runId=spec.generation_id, error={"message": message, "code": code}
+                )
+            )
+        else:
+            await self.writer.emit(
+                records.event(
+                    "RUN_FINISHED", runId=spec.generation_id, finishReason=finish, usage=usage_event
+                )
+            )
+        await self.writer.flush()
+        if persisted and self.writer.last_offset is not None:
+            async with self.m.sessionmaker.begin() as db:
+                await db.execute(
+                    update(ChatMessage)
+                    .where(
+                        ChatMessage.session_id == spec.session_id, ChatMessage.id == spec.message_id
+                    )
+                    .values(stream_offset=self.writer.last_offset)
+                )
+
+    async def _persist(
+        self,
+        status: str,
+        finish: str | None,
+        code: str | None,
+        message: str | None,
+        usage: Usage,
+    ) -> bool:
+        spec = self.spec
+        now = datetime.now(UTC)
+        parts = [_public_part(p) for p in self.parts]
+        text = "".join(p.data["content"] for p in self.parts if p.kind == "text")
+        cost = round_usd(self.cost)
+        message_status = {"completed": "complete", "stopped": "stopped", "budget": "stopped"}.get(
+            status, status
+        )
+        try:
+            async with self.m.sessionmaker.begin() as db:
+                ordinal = await _next_ordinal(db, spec.session_id)
+                db.add(
+                    ChatMessage(
+                        session_id=spec.session_id,
+                        id=spec.message_id,
+                        ordinal=ordinal,
+                        role="assistant",
+                        content=text,
+                        parts=parts,
+                        status=message_status,
+                        generation_id=spec.generation_id,
+                        created_at=now,
+                    )
+                )
+                await db.execute(
+                    update(Generation)
+                    .where(Generation.id == spec.generation_id)
+                    .values(
+                        status=status,
+                        finish_reason=finish,
+                        error_code=code,
+                        error_message=message,
+                        input_tokens=usage.input_tokens,
+                        output_tokens=usage.output_tokens,
+                        cache_read_tokens=usage.cache_read_tokens,
+                        cache_write_5m_tokens=usage.cache_write_5m_tokens,
+                        cache_write_1h_tokens=usage.cache_write_1h_tokens,
+                        cost_usd=cost,
+                        upstream_calls=len(self.usage_calls),
+                        ttft_ms=self.ttft_ms,
+                        duration_ms=int((time.monotonic() - self.started) * 1000),
+                        ratelimit=self.ratelimit,
+                        finished_at=now,
+                    )
+                )
+                await db.execute(
+                    update(ChatSession)
+                    .where(ChatSession.id == spec.session_id)
+                    .values(
+                        message_count=ChatSession.message_count + 1,
+                        cost_usd=ChatSession.cost_usd + cost,
+                        reserved_usd=ChatSession.reserved_usd - spec.reserved_usd,
+                        active_generation_id=None,
+                        updated_at=now,
+                    )
+                )
+        except Exception as exc:
+            log.error(
+                "generation_persist_failed",
+                generation_id=spec.generation_id,
+                error=type(exc).__name__,
+            )
+            return False
+        return True
+
+
+def _thinking_param(model: ModelInfo, max_tokens: int) -> dict[str, Any] | None:
+    mode = model.capabilities.thinking
+    if mode == "adaptive":
+        return {"type": "adaptive"}
+    if mode == "enabled" and max_tokens > 1024:
+        return {"type": "enabled", "budget_tokens": max(1024, min(4096, max_tokens // 2))}
+    return None
+
+
+def _total_input(usage: Any) -> int:
+    u = Usage.from_anthropic(usage)
+    return u.input_tokens + u.cache_read_tokens + u.cache_write_5m_tokens + u.cache_write_1h_tokens
+
+
+def _sum_usage(calls: list[Usage]) -> Usage:
+    return Usage(
+        input_tokens=sum(u.input_tokens for u in calls),
+        output_tokens=sum(u.output_tokens for u in calls),
+        cache_read_tokens=sum(u.cache_read_tokens for u in calls),
+        cache_write_5m_tokens=sum(u.cache_write_5m_tokens for u in calls),
+        cache_write_1h_tokens=sum(u.cache_write_1h_tokens for u in calls),
+    )
+
+
+def _public_part(part: _Part) -> dict[str, Any]:
+    data = dict(part.data)
+    data.pop("step", None)
+    return data
+
+
+async def _next_ordinal(db: AsyncSession, session_id: str) -> int:
+    from sqlalchemy import func, select
+
+    current = await db.scalar(
+        select(func.max(ChatMessage.ordinal)).where(ChatMessage.session_id == session_id)
+    )
+    return int(current or 0) + 1
+
+
+async def cancel_quietly(task: asyncio.Task[Any] | None) -> None:
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+async def recover_interrupted(
+    sessionmaker: async_sessionmaker[AsyncSession], store: StreamStore, manager: GenerationManager
+) -> int:
+    """Close generations a crashed process left running: the session accepts messages again,
+    the partial answer on the stream is kept as an interrupted message, and readers get a
+    terminal RUN_ERROR. Returns how many were closed."""
+    from datetime import timedelta
+
+    from streams_service.durable.model import AppendRequest
+    from streams_service.sessions import repository as repo
+
+    now = datetime.now(UTC)
+    async with sessionmaker() as db:
+        leftovers = await repo.interrupted_leftovers(db, now - timedelta(seconds=STALE_AFTER_S))
+    for gen in leftovers:
+        path = f"sessions/{gen.session_id}"
+        text = await _partial_text(store, path, gen.message_id)
+        message = "The service restarted during this answer; it is kept as far as it got."
+        async with sessionmaker.begin() as db:
+            fresh = await db.get(Generation, gen.id)
+            if fresh is None or fresh.status != "running":
+                continue
+            fresh.status, fresh.error_code, fresh.error_message = "error", "interrupted", message
+            fresh.finished_at = now
+            db.add(
+                ChatMessage(
+                    session_id=gen.session_id,
+                    id=gen.message_id,
+                    ordinal=await _next_ordinal(db, gen.session_id),
+                    role="assistant",
+                    content=text,
+                    parts=[{"type": "text", "content": text}] if text else [],
+                    status="interrupted",
+                    generation_id=gen.id,
+                    created_at=now,
+                )
+            )
+            await repo.release_generation(db, gen.session_id, gen.id, gen.reserved_usd)
+            await db.execute(
+                update(ChatSession)
+                .where(ChatSession.id == gen.session_id)
+                .values(message_count=ChatSession.message_count + 1, updated_at=now)
+            )
+        error = records.event(
+            "RUN_ERROR", runId=gen.id, error={"message": message, "code": "interrupted"}
+        )
+        row = records.chunk_record(
+            message_id=gen.message_id,
+            actor_id="claude",
+            role="assistant",
+            seq=10**9,  # after anything the dead process wrote
+            chunk=error,
+            created_at=records.now_iso(),
+        )
+        try:
+            await store.append(
+                path, AppendRequest(body=records.encode([row]), content_type="application/json")
+            )
+        except Exception as exc:
+            log.warning("recovery_append_failed", error=type(exc).__name__)
+    if leftovers:
+        log.info("generations_recovered", count=len(leftovers))
+    return len(leftovers)
+
+
+async def _partial_text(store: StreamStore, path: str, message_id: str) -> str:
+    """The text a generation had streamed before it died, rebuilt from its stream records."""
+    pieces: list[str] = []
+    position = 0
+    try:
+        while True:
+            result = await store.read(path, position, 4 * 1024 * 1024)
+            for _, data in result.chunks:
+                for item in json.loads(b"[" + data + b"]"):
+                    value = item.get("value") if isinstance(item, dict) else None
+                    if not isinstance(value, dict) or value.get("messageId") != message_id:
+                        continue
+                    chunk = json.loads(value.get("chunk", "{}"))
+                    if chunk.get("type") == "TEXT_MESSAGE_CONTENT":
+                        pieces.append(chunk.get("delta", ""))
+            position = result.next_pos
+            if result.up_to_date:
+                break
+    except Exception as exc:
+        log.warning("partial_text_unavailable", error=type(exc).__name__)
+    return "".join(pieces)

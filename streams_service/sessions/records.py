@@ -1,0 +1,87 @@
+"""Records on a session stream (DESIGN §2): State-Protocol change events.
+
+`chunk` rows carry AG-UI events (or a user's whole message) as a JSON *string* in `value.chunk`,
+keyed `<messageId>:<seq>`, compatible with the open-source durable-session clients; a `session`
+row (upsert) carries metadata changes so open tabs update live.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+
+def iso(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def now_iso() -> str:
+    return iso(datetime.now(UTC))
+
+
+def event(kind: str, **fields: Any) -> dict[str, Any]:
+    """An AG-UI event; every one carries a millisecond timestamp."""
+    return {"type": kind, "timestamp": int(datetime.now(UTC).timestamp() * 1000), **fields}
+
+
+def chunk_record(
+    *,
+    message_id: str,
+    actor_id: str,
+    role: str,
+    seq: int,
+    chunk: dict[str, Any],
+    created_at: str,
+    txid: str | None = None,
+) -> dict[str, Any]:
+    headers: dict[str, Any] = {"operation": "insert"}
+    if txid is not None:
+        headers["txid"] = txid
+    return {
+        "type": "chunk",
+        "key": f"{message_id}:{seq}",
+        "value": {
+            "messageId": message_id,
+            "actorId": actor_id,
+            "role": role,
+            "chunk": json.dumps(chunk, separators=(",", ":"), ensure_ascii=False),
+            "seq": seq,
+            "createdAt": created_at,
+        },
+        "headers": headers,
+    }
+
+
+def user_message_record(
+    *, message_id: str, actor_id: str, content: str, created_at: str, txid: str | None = None
+) -> dict[str, Any]:
+    message = {
+        "id": message_id,
+        "role": "user",
+        "parts": [{"type": "text", "content": content}],
+        "createdAt": created_at,
+    }
+    return chunk_record(
+        message_id=message_id,
+        actor_id=actor_id,
+        role="user",
+        seq=0,
+        chunk={"type": "whole-message", "message": message},
+        created_at=created_at,
+        txid=txid,
+    )
+
+
+def session_record(session_id: str, value: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "session",
+        "key": session_id,
+        "value": {"sessionId": session_id, **value},
+        "headers": {"operation": "upsert"},
+    }
+
+
+def encode(records: list[dict[str, Any]]) -> bytes:
+    """One append of several records: a JSON array is stored as that many stream messages."""
+    return json.dumps(records, separators=(",", ":"), ensure_ascii=False).encode()

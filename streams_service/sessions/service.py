@@ -1,0 +1,463 @@
+"""Session logic: create, read, send (start a generation), stop, approve, regenerate, fork, end."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import structlog
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from db.models import ChatMessage, ChatSession, Generation
+from streams_service.config import Settings
+from streams_service.durable.model import AppendRequest, CreateRequest, Producer
+from streams_service.durable.offsets import format_offset, parse_offset
+from streams_service.durable.store import StreamStore
+from streams_service.errors import AppError, BadRequest, Conflict, NotFound, PayloadTooLarge
+from streams_service.llm.models import Catalog, ModelInfo, estimate_cost_usd, round_usd
+from streams_service.sessions import records
+from streams_service.sessions import repository as repo
+from streams_service.sessions.generation import GenerationManager, GenerationSpec
+from streams_service.sessions.schemas import CreateSession, SendAccepted, SendMessage
+
+log = structlog.get_logger(__name__)
+
+STREAM_PREFIX = "sessions/"
+
+
+class PaymentRequired(AppError):
+    status = 402
+    code = "budget_exhausted"
+
+
+def stream_path(session_id: str) -> str:
+    return f"{STREAM_PREFIX}{session_id}"
+
+
+def stream_url(session_id: str) -> str:
+    return f"/v1/stream/{stream_path(session_id)}"
+
+
+def parse_session_id(raw: str) -> str:
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise BadRequest("session ids are UUIDs") from None
+
+
+class SessionService:
+    def __init__(
+        self,
+        settings: Settings,
+        store: StreamStore,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        generations: GenerationManager,
+        catalog: Catalog,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.sessionmaker = sessionmaker
+        self.generations = generations
+        self.catalog = catalog
+
+    # ------------------------------------------------------------------ sessions
+
+    def model_or_400(self, model_id: str | None) -> ModelInfo:
+        if model_id is None:
+            return self.catalog.default_model
+        model = self.catalog.get(model_id)
+        if model is None:
+            allowed = ", ".join(m.id for m in self.catalog.models)
+            raise BadRequest(f"model {model_id!r} is not allowed; choose one of: {allowed}")
+        return model
+
+    async def create(
+        self, session_id: str | None, body: CreateSession, user_id: str | None
+    ) -> tuple[bool, dict[str, Any]]:
+        sid = parse_session_id(session_id) if session_id else str(uuid.uuid4())
+        model = self.model_or_400(body.model)
+        async with self.sessionmaker.begin() as db:
+            existing = await repo.get_session(db, sid)
+            if existing is not None:
+                if existing.user_id != user_id or existing.deleted_at is not None:
+                    raise NotFound("no such session")
+                return False, self.session_out(existing)
+        # The stream first (idempotent), so a session row never exists without its stream.
+        await self.store.create(stream_path(sid), CreateRequest(content_type="application/json"))
+        now = datetime.now(UTC)
+        budget = body.budget_usd
+        if budget is None and self.settings.session_budget_usd > 0:
+            budget = Decimal(str(self.settings.session_budget_usd))
+        row = ChatSession(
+            id=sid,
+            user_id=user_id,
+            title=body.title,
+            model=model.id,
+            message_count=0,
+            cost_usd=Decimal(0),
+            reserved_usd=Decimal(0),
+            budget_usd=budget,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            async with self.sessionmaker.begin() as db:
+                db.add(row)
+        except IntegrityError:
+            # A concurrent PUT of the same id won; answer as the idempotent repeat.
+            async with self.sessionmaker.begin() as db:
+                again = await repo.get_session(db, sid)
+                if again is None or again.user_id != user_id:
+                    raise NotFound("no such session") from None
+                return False, self.session_out(again)
+        await self._publish_session(row)
+        return True, self.session_out(row)
+
+    async def get(self, session_id: str, user_id: str | None) -> dict[str, Any]:
+        sid = parse_session_id(session_id)
+        async with self.sessionmaker() as db:
+            row = await self._visible(db, sid, user_id)
+            messages = await repo.messages_of(db, sid)
+        out = self.session_out(row)
+        out["messages"] = [repo.message_out(m) for m in messages]
+        return out
+
+    async def _visible(self, db: AsyncSession, sid: str, user_id: str | None) -> ChatSession:
+        row = await repo.get_session(db, sid)
+        # Another user's session is indistinguishable from a missing one.
+        if row is None or row.user_id != user_id or row.deleted_at is not None:
+            raise NotFound("no such session")
+        return row
+
+    def session_out(self, row: ChatSession) -> dict[str, Any]:
+        return {
+            "id": row.id,
+            "streamUrl": stream_url(row.id),
+            "title": row.title,
+            "model": row.model,
+            "simulated": self.settings.simulated,
+            "message_count": row.message_count,
+            "cost_usd": row.cost_usd,
+            "budget_usd": row.budget_usd,
+            "active_generation_id": row.active_generation_id,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+            "ended_at": row.ended_at,
+            "deleted_at": row.deleted_at,
+        }
+
+    async def _publish_session(self, row: ChatSession) -> None:
+        """Upsert the `session` row on the stream so open tabs see metadata changes live."""
+        value = {
+            "title": row.title,
+            "model": row.model,
+            "simulated": self.settings.simulated,
+            "endedAt": records.iso(row.ended_at) if row.ended_at else None,
+            "updatedAt": records.iso(row.updated_at),
+        }
+        body = records.encode([records.session_record(row.id, value)])
+        await self.store.append(
+            stream_path(row.id), AppendRequest(body=body, content_type="application/json")
+        )
+
+    # ------------------------------------------------------------------ messages
+
+    async def send(self, session_id: str, body: SendMessage, user_id: str | None) -> SendAccepted:
+        sid = parse_session_id(session_id)
+        content = body.content
+        if not content.strip():
+            raise BadRequest("content must not be empty")
+        if len(content.encode()) > self.settings.message_max_bytes:
+            raise PayloadTooLarge(f"content is larger than {self.settings.message_max_bytes} bytes")
+        model = self.model_or_400(body.model) if body.model else None
+        now = datetime.now(UTC)
+        message_id = f"msg_{uuid.uuid4().hex}"
+        assistant_id = f"msg_{uuid.uuid4().hex}"
+        generation_id = str(uuid.uuid4())
+        async with self.sessionmaker.begin() as db:
+            row = await self._visible(db, sid, user_id)
+            if body.client_message_id is not None:
+                earlier = await repo.message_by_client_id(db, sid, body.client_message_id)
+                if earlier is not None:
+                    return await self._repeat_send(earlier)
+            if row.ended_at is not None:
+                raise Conflict("this session has ended; fork it to continue")
+            model = model or self.catalog.get(row.model) or self.catalog.default_model
+            history = await self._history(db, sid)
+            history.append({"role": "user", "content": content})
+            reserve = round_usd(
+                estimate_cost_usd(
+                    model,
+                    _estimate_tokens(history),
+                    self.settings.generation_max_output_tokens,
+                )
+            )
+            remaining = _remaining(row)
+            if remaining is not None and remaining <= 0:
+                raise PaymentRequired("this session's budget is used up")
+            if remaining is not None:
+                reserve = min(reserve, remaining)
+            if not await repo.claim_generation(db, sid, generation_id, reserve, now):
+                raise Conflict("a generation is already running in this session; stop it first")
+            db.add(
+                ChatMessage(
+                    session_id=sid,
+                    id=message_id,
+                    ordinal=await repo.next_ordinal(db, sid),
+                    role="user",
+                    content=content,
+                    parts=[{"type": "text", "content": content}],
+                    status="complete",
+                    client_message_id=body.client_message_id,
+                    generation_id=generation_id,
+                    created_at=now,
+                )
+            )
+            db.add(
+                Generation(
+                    id=generation_id,
+                    session_id=sid,
+                    user_id=user_id,
+                    user_message_id=message_id,
+                    message_id=assistant_id,
+                    model=model.id,
+                    simulated=self.settings.simulated,
+                    status="running",
+                    reserved_usd=reserve,
+                    owner=self.generations.instance,
+                    started_at=now,
+                    heartbeat_at=now,
+                )
+            )
+            row.message_count += 1
+            first_exchange = row.message_count == 1 and not row.title
+            is_first_text = content
+        offset = await self._append_user_message(sid, message_id, user_id, content, now)
+        async with self.sessionmaker.begin() as db:
+            msg = await db.get(ChatMessage, (sid, message_id))
+            if msg is not None:
+                msg.stream_offset = offset
+        self.generations.start(
+            GenerationSpec(
+                generation_id=generation_id,
+                session_id=sid,
+                user_id=user_id,
+                message_id=assistant_id,
+                model=model,
+                history=history,
+                stream_path=stream_path(sid),
+                budget_remaining=remaining,
+                reserved_usd=reserve,
+                is_first_exchange=first_exchange,
+                first_user_text=is_first_text,
+            )
+        )
+        return SendAccepted(message_id=message_id, generation_id=generation_id, offset=offset)
+
+    async def _repeat_send(self, earlier: ChatMessage) -> SendAccepted:
+        """An idempotent retry: the same ids; the stream append is deduplicated by producer."""
+        offset = earlier.stream_offset
+        if offset is None:
+            offset = await self._append_user_message(
+                earlier.session_id, earlier.id, None, earlier.content, earlier.created_at
+            )
+        return SendAccepted(
+            message_id=earlier.id, generation_id=earlier.generation_id or "", offset=offset
+        )
+
+    async def _append_user_message(
+        self, sid: str, message_id: str, user_id: str | None, content: str, created: datetime
+    ) -> str:
+        record = records.user_message_record(
+            message_id=message_id,
+            actor_id=user_id or "user",
+            content=content,
+            created_at=records.iso(created),
+        )
+        outcome = await self.store.append(
+            stream_path(sid),
+            AppendRequest(
+                body=records.encode([record]),
+                content_type="application/json",
+                # One producer per message: a retried append is recognised, never doubled.
+                producer=Producer(f"msg-{message_id}", 0, 0),
+            ),
+        )
+        assert outcome.next_offset_pos is not None
+        return format_offset(outcome.next_offset_pos)
+
+    async def _history(self, db: AsyncSession, sid: str) -> list[dict[str, Any]]:
+        return build_history(await repo.messages_of(db, sid))
+
+    async def stop(self, session_id: str, user_id: str | None) -> dict[str, Any]:
+        sid = parse_session_id(session_id)
+        async with self.sessionmaker() as db:
+            row = await self._visible(db, sid, user_id)
+        handle = await self.generations.stop(sid)
+        if handle is None:
+            if row.active_generation_id is None:
+                raise Conflict("no generation is running in this session")
+            raise Conflict("the running generation is owned by another replica")
+        await handle.done.wait()
+        return {"generation_id": handle.spec.generation_id, "stopped": True}
+
+    async def approve(
+        self, session_id: str, tool_call_id: str, approved: bool, user_id: str | None
+    ) -> dict[str, Any]:
+        sid = parse_session_id(session_id)
+        async with self.sessionmaker() as db:
+            await self._visible(db, sid, user_id)
+        if not self.generations.answer_approval(sid, tool_call_id, approved):
+            raise NotFound("no tool call is waiting for approval under that id")
+        return {"tool_call_id": tool_call_id, "approved": approved}
+
+    async def end(self, session_id: str, user_id: str | None) -> dict[str, Any]:
+        sid = parse_session_id(session_id)
+        async with self.sessionmaker.begin() as db:
+            row = await self._visible(db, sid, user_id)
+            if row.active_generation_id is not None:
+                raise Conflict("a generation is running; stop it before ending the session")
+            if row.ended_at is None:
+                row.ended_at = row.updated_at = datetime.now(UTC)
+        await self._publish_session(row)
+        await self.store.append(stream_path(sid), AppendRequest(body=None, close=True))
+        return self.session_out(row)
+
+    async def fork(
+        self, session_id: str, at_message_id: str, user_id: str | None
+    ) -> dict[str, Any]:
+        sid = parse_session_id(session_id)
+        async with self.sessionmaker() as db:
+            row = await self._visible(db, sid, user_id)
+            messages = await repo.messages_of(db, sid)
+        cut = next((i for i, m in enumerate(messages) if m.id == at_message_id), None)
+        if cut is None:
+            raise NotFound("no message with that id in this session")
+        kept = messages[: cut + 1]
+        if kept[-1].stream_offset is None:
+            raise Conflict("that message is not on the stream yet; try again in a moment")
+        new_id = str(uuid.uuid4())
+        await self.store.create(
+            stream_path(new_id),
+            CreateRequest(
+                content_type="application/json",
+                forked_from=stream_path(sid),
+                fork_pos=parse_offset(kept[-1].stream_offset),
+            ),
+        )
+        now = datetime.now(UTC)
+        fork_row = ChatSession(
+            id=new_id,
+            user_id=user_id,
+            title=f"{row.title or 'Untitled'} (fork)",
+            model=row.model,
+            message_count=len(kept),
+            cost_usd=Decimal(0),
+            reserved_usd=Decimal(0),
+            budget_usd=row.budget_usd,
+            created_at=now,
+            updated_at=now,
+        )
+        async with self.sessionmaker.begin() as db:
+            db.add(fork_row)
+            await db.flush()
+            for m in kept:
+                db.add(
+                    ChatMessage(
+                        session_id=new_id,
+                        id=m.id,
+                        ordinal=m.ordinal,
+                        role=m.role,
+                        content=m.content,
+                        parts=m.parts,
+                        status=m.status,
+                        generation_id=m.generation_id,
+                        stream_offset=m.stream_offset,
+                        created_at=m.created_at,
+                    )
+                )
+        await self._publish_session(fork_row)
+        return self.session_out(fork_row)
+
+
+def build_history(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The conversation as Anthropic `messages`: tool calls and results are rebuilt from the
+    stored parts; consecutive turns of one role are merged (the API wants them alternating)."""
+    out: list[dict[str, Any]] = []
+
+    def push(role: str, blocks: list[dict[str, Any]]) -> None:
+        if not blocks:
+            return
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+
+    for m in messages:
+        if m.status == "superseded":
+            continue
+        if m.role == "user":
+            push("user", [{"type": "text", "text": m.content}])
+            continue
+        assistant: list[dict[str, Any]] = []
+        results: list[dict[str, Any]] = []
+        for part in m.parts:
+            kind = part.get("type")
+            if kind == "text" and part.get("content"):
+                if results:
+                    push("assistant", assistant)
+                    push("user", results)
+                    assistant, results = [], []
+                assistant.append({"type": "text", "text": part["content"]})
+            elif kind == "tool-call":
+                if results:
+                    push("assistant", assistant)
+                    push("user", results)
+                    assistant, results = [], []
+                try:
+                    arguments = records_json(part.get("arguments") or "{}")
+                except ValueError:
+                    arguments = {}
+                assistant.append(
+                    {"type": "tool_use", "id": part["id"], "name": part["name"], "input": arguments}
+                )
+            elif kind == "tool-result":
+                results.append(
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": part["toolCallId"],
+                        "content": part.get("content", ""),
+                        "is_error": part.get("state") == "error",
+                    }
+                )
+        # A tool call without a result (stopped mid-loop) cannot be sent back: drop it.
+        answered = {r["tool_use_id"] for r in results}
+        assistant = [b for b in assistant if b["type"] != "tool_use" or b["id"] in answered]
+        push("assistant", assistant)
+        push("user", results)
+    return out
+
+
+def records_json(text: str) -> dict[str, Any]:
+    import json
+
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("tool input is not an object")
+    return value
+
+
+def _estimate_tokens(history: list[dict[str, Any]]) -> int:
+    import json
+
+    # About four characters a token: an upper-bound-ish estimate for the reservation.
+    return max(1, len(json.dumps(history)) // 3)
+
+
+def _remaining(row: ChatSession) -> Decimal | None:
+    if row.budget_usd is None or row.budget_usd <= 0:
+        return None
+    return Decimal(row.budget_usd) - Decimal(row.cost_usd) - Decimal(row.reserved_usd)
