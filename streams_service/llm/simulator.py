@@ -2,7 +2,7 @@
 
 The service talks to it when no ANTHROPIC_API_KEY is set (same code path, only `base_url`
 differs), and tests and benchmarks use it to get real HTTP, real SSE framing and every failure
-mode on demand. Wire-format truth: /work/shared/reference/anthropic-api.md.
+mode on demand. Wire-format truth: reference/anthropic-api.md beside the design doc.
 
 Output is a deterministic function of the request, so a test can assert on exact text, and the
 request itself chooses behaviour through directives in the last user message text:
@@ -20,7 +20,11 @@ auth (401), midstream_error (`event: error` after a few deltas), cut (TCP connec
 after a few deltas: the SDK raises `httpx2.RemoteProtocolError` while iterating), truncate (body
 ends cleanly after a few deltas with no message_delta/message_stop: the SDK returns a partial
 message with `stop_reason=None`), slow (10 s before the first event), stall (message_start,
-then silence for 60 s or until the client goes away).
+then silence for 60 s or until the client goes away). Without `"stream": true`, midstream_error
+answers 529 and cut/truncate/stall drop the connection before the body is complete.
+
+A final turn whose last user message carries tool_result blocks answers "The tool returned: ..."
+with every result of the current tool loop quoted verbatim.
 """
 
 from __future__ import annotations
@@ -87,8 +91,8 @@ _STOP_REASONS: Final = frozenset(
 )
 # The API's own request size limit; over it Cloudflare answers 413 before the API sees it.
 _MAX_BODY_BYTES: Final = 32 * 1024 * 1024
-# Content deltas sent before a midstream_error or cut fault fires: enough for a client to have
-# shown partial output, which is the case those faults exist to test.
+# Content deltas sent before a midstream_error, cut or truncate fault fires: enough for a
+# client to have shown partial output, which is the case those faults exist to test.
 _DELTAS_BEFORE_FAULT: Final = 3
 # Tool input JSON is streamed in fragments of this many characters, each billed as one token.
 _JSON_CHARS_PER_TOKEN: Final = 4
@@ -444,51 +448,76 @@ class _InputUsage:
         }
 
 
+# How far before a breakpoint the API looks for an earlier cache entry. This is what makes the
+# usual "breakpoint on the newest message" pattern read the previous turn's entry.
+_CACHE_LOOKBACK_BLOCKS: Final = 20
+_TTL_5M: Final = 300.0
+_TTL_1H: Final = 3600.0
+
+
 class _PromptCache:
-    """Prefix hashes seen at cache breakpoints, with the API's TTL semantics (a hit refreshes)."""
+    """Prefixes written at cache breakpoints, with the API's TTL semantics (a hit refreshes)."""
 
     def __init__(self) -> None:
-        self._expiry: OrderedDict[str, float] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key: expiry, ttl
 
     def usage_for(self, req: _Request) -> _InputUsage:
         segments = _segments(req)
         total = _tokens_for_chars(sum(s.chars for s in segments))
-        breakpoints: list[tuple[str, int, float]] = []  # (prefix key, prefix tokens, ttl s)
+        # Prefix key and size after each segment; the model is part of every key.
+        prefixes: list[tuple[str, int]] = []
         running = hashlib.sha256(req.model.encode())
         chars = 0
         for segment in segments:
             running.update(segment.identity.encode())
             chars += segment.chars
-            if segment.cache_control is not None:
-                ttl = 3600.0 if segment.cache_control.get("ttl") == "1h" else 300.0
-                breakpoints.append((running.hexdigest(), math.ceil(chars / 4), ttl))
+            prefixes.append((running.hexdigest(), math.ceil(chars / 4)))
+        breakpoints = [
+            (i, _TTL_1H if s.cache_control.get("ttl") == "1h" else _TTL_5M)
+            for i, s in enumerate(segments)
+            if s.cache_control is not None
+        ]
         if not breakpoints:
             return _InputUsage(input_tokens=total)
 
         now = time.monotonic()
-        hit = -1
-        for i in range(len(breakpoints) - 1, -1, -1):
-            expires = self._expiry.get(breakpoints[i][0])
-            if expires is not None and expires > now:
-                hit = i
-                break
-        read = breakpoints[hit][1] if hit >= 0 else 0
-        created = {300.0: 0, 3600.0: 0}
-        previous = read
-        for _, tokens, ttl in breakpoints[hit + 1 :]:
-            created[ttl] += tokens - previous
-            previous = tokens
-        for key, _, ttl in breakpoints:
-            self._expiry[key] = now + ttl
-            self._expiry.move_to_end(key)
-        while len(self._expiry) > _MAX_TRACKED:
-            self._expiry.popitem(last=False)
+        hit = self._longest_hit(prefixes, [i for i, _ in breakpoints], now)
+        read = prefixes[hit][1] if hit >= 0 else 0
+        created = {_TTL_5M: 0, _TTL_1H: 0}
+        covered = read
+        for index, ttl in breakpoints:
+            if index > hit:
+                created[ttl] += prefixes[index][1] - covered
+                covered = prefixes[index][1]
+        if hit >= 0:
+            key = prefixes[hit][0]
+            self._store(key, self._entries[key][1], now)
+        for index, ttl in breakpoints:
+            self._store(prefixes[index][0], ttl, now)
         return _InputUsage(
-            input_tokens=total - previous,
-            cache_creation_5m=created[300.0],
-            cache_creation_1h=created[3600.0],
+            input_tokens=total - covered,
+            cache_creation_5m=created[_TTL_5M],
+            cache_creation_1h=created[_TTL_1H],
             cache_read=read,
         )
+
+    def _longest_hit(
+        self, prefixes: list[tuple[str, int]], breakpoints: list[int], now: float
+    ) -> int:
+        """Index of the longest live cached prefix a breakpoint can see, or -1."""
+        for index in range(breakpoints[-1], -1, -1):
+            if not any(0 <= b - index < _CACHE_LOOKBACK_BLOCKS for b in breakpoints):
+                continue
+            entry = self._entries.get(prefixes[index][0])
+            if entry is not None and entry[0] > now:
+                return index
+        return -1
+
+    def _store(self, key: str, ttl: float, now: float) -> None:
+        self._entries[key] = (now + ttl, ttl)
+        self._entries.move_to_end(key)
+        while len(self._entries) > _MAX_TRACKED:
+            self._entries.popitem(last=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -671,7 +700,7 @@ def _plan_response(req: _Request, config: SimulatorConfig) -> _Plan:
 
     stop_sequence: str | None = None
     tool_call = _next_tool_call(req, last_user)
-    results = _tool_results(req.messages[last_user]) if last_user is not None else []
+    answering = last_user is not None and bool(_tool_results(req.messages[last_user]))
     if tool_call is not None:
         directive, tool_id = tool_call
         intro = f"I'll use the {directive.name} tool."
@@ -691,8 +720,9 @@ def _plan_response(req: _Request, config: SimulatorConfig) -> _Plan:
                 tool_input=directive.input,
             )
         )
-    elif results:
-        assert last_user is not None
+    elif answering and last_user is not None:
+        # The final turn of a tool loop quotes every result verbatim, so a test can follow
+        # the data from tool to answer.
         lines = []
         for result in _answered_results(req.messages, last_user):
             verb = "reported an error" if result.get("is_error") else "returned"
@@ -701,7 +731,9 @@ def _plan_response(req: _Request, config: SimulatorConfig) -> _Plan:
     else:
         tokens_match = _TOKENS_RE.search(last_text)
         count = int(tokens_match.group(1)) if tokens_match else config.output_tokens
-        text = _text_block(_generate_words(_seed("text", req.model, last_text), max(1, count)))
+        # Words past max_tokens + 1 could never be sent; the +1 is what marks truncation.
+        count = max(1, min(count, req.max_tokens + 1))
+        text = _text_block(_generate_words(_seed("text", req.model, last_text), count))
         stop_sequence = _apply_stop_sequences(text, req.stop_sequences)
         blocks.append(text)
 
