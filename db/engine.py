@@ -107,6 +107,6 @@ def create_writer_engine(url: str) -> Engine:
         engine = create_sync_engine(sync, pool_size=1, max_overflow=0)
         _prepare_sqlite(sync, engine, "BEGIN IMMEDIATE")
         return engine
-    return create_sync_engine(
-        sync, pool_size=1, max_overflow=1, pool_pre_ping=True, pool_recycle=1800
-    )
+    # No pre-ping: it would cost a round trip per transaction on the hot path; a dead
+    # connection fails its batch (503) and is replaced.
+    return create_sync_engine(sync, pool_size=1, max_overflow=1, pool_recycle=1800)

@@ -182,10 +182,19 @@ def create_app(settings: Settings) -> FastAPI:
     async def streams_asgi(scope: Scope, receive: Receive, send: Send) -> None:
         await stream_routes[0].asgi(scope, receive, send)
 
-    # The stream protocol is the hot path: it gets its own, shorter middleware chain.
-    app.streams_app = SecurityHeadersMiddleware(
-        CORSMiddleware(streams_asgi, **_cors_options(settings))
-    )
+    # The stream protocol is the hot path: it gets its own, shorter middleware chain, and its
+    # replies carry the security headers themselves. CORS only matters to browsers, which always
+    # send Origin; requests without one skip it.
+    cors = SecurityHeadersMiddleware(CORSMiddleware(streams_asgi, **_cors_options(settings)))
+
+    async def streams_app(scope: Scope, receive: Receive, send: Send) -> None:
+        for name, _ in scope["headers"]:
+            if name == b"origin":
+                await cors(scope, receive, send)
+                return
+        await streams_asgi(scope, receive, send)
+
+    app.streams_app = streams_app
 
     @app.get("/health")
     async def health() -> dict[str, str]:

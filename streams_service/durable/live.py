@@ -11,11 +11,14 @@ import asyncio
 import contextlib
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import psycopg
 import structlog
 from sqlalchemy.engine import make_url
+
+from streams_service.durable.model import ReadResult, StreamState
 
 log = structlog.get_logger(__name__)
 
@@ -24,33 +27,101 @@ CHANNEL = "ds_append"
 _MAX_PAYLOAD = 7000
 
 
+@dataclass(frozen=True, slots=True)
+class TailUpdate:
+    """What one commit appended to a stream, handed to the readers it wakes: a reader waiting at
+    the start of it is answered from memory instead of going back to the database."""
+
+    state: StreamState
+    chunks: list[tuple[int, bytes]]  # (end position, stored bytes), in order
+
+    def read_from(self, position: int, max_bytes: int) -> ReadResult | None:
+        if not self.chunks:
+            return None
+        first_end, first_data = self.chunks[0]
+        if position < first_end - len(first_data) or position >= self.chunks[-1][0]:
+            return None
+        chunks = [c for c in self.chunks if c[0] > position]
+        if sum(len(data) for _, data in chunks) > max_bytes:
+            return None
+        next_pos = chunks[-1][0]
+        return ReadResult(
+            state=self.state,
+            chunks=chunks,
+            next_pos=next_pos,
+            up_to_date=next_pos >= self.state.tail,
+        )
+
+
+class Channel:
+    """One stream's wake-ups inside this process. `version` counts changes seen since the
+    channel opened; `update` is what the latest change appended, when this process made it."""
+
+    __slots__ = ("_future", "readers", "update", "version")
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.update: TailUpdate | None = None
+        self.readers = 0
+        self._future: asyncio.Future[None] | None = None
+
+    async def wait(self, seen: int, max_wait_s: float) -> None:
+        """Until the version passes `seen`, or `max_wait_s` passes."""
+        if self.version != seen:
+            return
+        if self._future is None or self._future.done():
+            self._future = asyncio.get_running_loop().create_future()
+        await asyncio.wait({self._future}, timeout=max_wait_s)
+
+    def changed(self, update: TailUpdate | None) -> None:
+        self.version += 1
+        self.update = update
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+        self._future = None
+
+    def cached_read(self, seen: int, position: int, max_bytes: int) -> ReadResult | None:
+        """The next read answered from memory, when exactly one change happened since `seen`
+        and it appended right where the reader stands."""
+        if self.version != seen + 1 or self.update is None:
+            return None
+        return self.update.read_from(position, max_bytes)
+
+
 class LiveHub:
     def __init__(self) -> None:
-        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._channels: dict[int, Channel] = {}
         # Identifies this process's own NOTIFYs, which it has already delivered locally.
         self.instance = f"{os.getpid()}-{secrets.token_hex(4)}"
 
-    def waiter(self, stream_id: int) -> asyncio.Future[None]:
-        """A future resolved at the next change to the stream. Take it *before* reading, so a write
-        that commits between the read and the wait still wakes the reader."""
-        fut = self._waiters.get(stream_id)
-        if fut is None or fut.done():
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters[stream_id] = fut
-        return fut
+    @contextlib.contextmanager
+    def subscribe(self, stream_id: int) -> Iterator[Channel]:
+        """A reader's channel for one stream, kept while any reader of that stream is live."""
+        channel = self._channels.get(stream_id)
+        if channel is None:
+            channel = self._channels[stream_id] = Channel()
+        channel.readers += 1
+        try:
+            yield channel
+        finally:
+            channel.readers -= 1
+            if channel.readers == 0 and self._channels.get(stream_id) is channel:
+                del self._channels[stream_id]
 
-    def notify(self, stream_ids: Iterable[int]) -> None:
+    def notify(
+        self, stream_ids: Iterable[int], updates: Mapping[int, TailUpdate] | None = None
+    ) -> None:
         for sid in stream_ids:
-            fut = self._waiters.pop(sid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+            channel = self._channels.get(sid)
+            if channel is not None:
+                channel.changed(updates.get(sid) if updates else None)
 
     def notify_all(self) -> None:
-        self.notify(list(self._waiters))
+        self.notify(list(self._channels))
 
     @property
     def waiting_streams(self) -> int:
-        return len(self._waiters)
+        return len(self._channels)
 
     def payloads(self, stream_ids: Iterable[int]) -> list[str]:
         """NOTIFY payloads `<instance>:<id>,<id>...`, split to respect the size cap."""

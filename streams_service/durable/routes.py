@@ -7,8 +7,8 @@ dependency resolution. Parsing lives here; decisions live in the store.
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
@@ -16,10 +16,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import structlog
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from streams_service.durable.http import SECURITY_HEADER_MAP, Reply, error_reply
+from streams_service.durable.live import Channel
 from streams_service.durable.model import (
     AppendOutcome,
     AppendRequest,
@@ -42,7 +44,6 @@ from streams_service.errors import (
     BadRequest,
     MethodNotAllowed,
     PayloadTooLarge,
-    error_response,
 )
 
 if TYPE_CHECKING:
@@ -87,11 +88,15 @@ class StreamRoutes:
     async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry for `/v1/stream/...`, served without the framework's routing layers."""
         request = Request(scope, receive)
+        # One pass over the raw headers (the server lower-cases names) instead of a scan per get.
+        request.state.headers = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+        }
         try:
             response = await self.handle(request, scope["path"][len(PREFIX) :])
         except Exception:
             log.exception("stream_request_failed", method=scope.get("method"))
-            response = error_response(AppError("the server failed to handle the request"))
+            response = error_reply(AppError("the server failed to handle the request"))
         await response(scope, receive, send)
 
     async def handle(self, request: Request, path: str) -> Response:
@@ -107,19 +112,19 @@ class StreamRoutes:
                 return await self.head(path)
             if method == "DELETE":
                 await self.store.delete(path)
-                return Response(status_code=204)
+                return Reply(status_code=204)
             if method == "OPTIONS":
-                return Response(status_code=204)
+                return Reply(status_code=204)
             raise MethodNotAllowed(f"{method} is not a Durable Streams operation")
         except AppError as exc:
             if request.method == "HEAD":
-                return Response(status_code=exc.status, headers=exc.headers)
-            return error_response(exc)
+                return Reply(status_code=exc.status, headers=exc.headers)
+            return error_reply(exc)
 
     # ------------------------------------------------------------------ PUT
 
     async def create(self, request: Request, path: str) -> Response:
-        headers = request.headers
+        headers: dict[str, str] = request.state.headers
         forked_from = headers.get("stream-forked-from") or None
         content_type = headers.get("content-type")
         if not content_type or not content_type.strip() or not _CONTENT_TYPE_RE.match(content_type):
@@ -172,12 +177,12 @@ class StreamRoutes:
             out["Location"] = str(request.url.replace(query=""))
         if state.closed:
             out[CLOSED] = "true"
-        return Response(status_code=201 if outcome.created else 200, headers=out)
+        return Reply(status_code=201 if outcome.created else 200, headers=out)
 
     # ------------------------------------------------------------------ POST
 
     async def append(self, request: Request, path: str) -> Response:
-        headers = request.headers
+        headers: dict[str, str] = request.state.headers
         producer = _parse_producer(
             headers.get("producer-id"), headers.get("producer-epoch"), headers.get("producer-seq")
         )
@@ -218,7 +223,7 @@ class StreamRoutes:
             out["Stream-TTL"] = str(state.ttl_seconds)
         if state.expires_at_raw is not None:
             out["Stream-Expires-At"] = state.expires_at_raw
-        return Response(status_code=200, headers=out)
+        return Reply(status_code=200, headers=out)
 
     # ------------------------------------------------------------------ GET
 
@@ -254,7 +259,7 @@ class StreamRoutes:
             }
             if state.closed:
                 out[CLOSED] = "true"
-            return Response(b"[]" if is_json(state.content_type) else b"", headers=out)
+            return Reply(b"[]" if is_json(state.content_type) else b"", headers=out)
         from_pos = _position(raw)
         result = await self.store.read(path, from_pos, self.max_read_bytes)
         self.store.touch(result.state)
@@ -264,45 +269,36 @@ class StreamRoutes:
         self, path: str, raw: str, cursor: str | None, request: Request
     ) -> Response:
         deadline = time.monotonic() + self.long_poll_timeout_s
-        from_pos: int | None = None if raw == "now" else _position(raw)
-        stream_id: int | None = None
+        from_pos = (await self.store.head(path)).tail if raw == "now" else _position(raw)
         self.live_readers += 1
         try:
-            while True:
-                waiter = self.hub.waiter(stream_id) if stream_id is not None else None
-                if from_pos is None:
-                    state = await self.store.head(path)
-                    from_pos = state.tail
-                result = await self.store.read(path, from_pos, self.max_read_bytes)
-                self.store.touch(result.state)
-                state = result.state
-                if result.chunks or from_pos != state.tail:
-                    return self._data_response(path, raw, result, request, cursor=cursor)
-                if state.closed:
-                    return Response(
-                        status_code=204,
-                        headers={
-                            NEXT_OFFSET: format_offset(state.tail),
+            async with self._follow(path, from_pos) as follow:
+                async for result in follow:
+                    state = result.state
+                    if result.chunks or from_pos != state.tail:
+                        return self._data_response(path, raw, result, request, cursor=cursor)
+                    if state.closed:
+                        return Reply(
+                            status_code=204,
+                            headers={
+                                NEXT_OFFSET: format_offset(state.tail),
+                                UP_TO_DATE: "true",
+                                CLOSED: "true",
+                            },
+                        )
+                    if not await follow.wait(deadline - time.monotonic()):
+                        out = {
+                            NEXT_OFFSET: format_offset(from_pos),
                             UP_TO_DATE: "true",
-                            CLOSED: "true",
-                        },
-                    )
-                if waiter is None:
-                    # Register for wake-ups, then look once more so no commit slips between.
-                    stream_id = state.id
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining > 0:
-                    await asyncio.wait({waiter}, timeout=remaining)
-                if time.monotonic() >= deadline and not waiter.done():
-                    out = {
-                        NEXT_OFFSET: format_offset(from_pos),
-                        UP_TO_DATE: "true",
-                        CURSOR: response_cursor(cursor),
-                    }
-                    return Response(status_code=204, headers=out)
+                            CURSOR: response_cursor(cursor),
+                        }
+                        return Reply(status_code=204, headers=out)
+            raise AssertionError("unreachable: a follower yields until told to stop")
         finally:
             self.live_readers -= 1
+
+    def _follow(self, path: str, position: int) -> _Follower:
+        return _Follower(self, path, position)
 
     def _data_response(
         self, path: str, start: str, result: ReadResult, request: Request, *, cursor: str | None
@@ -311,8 +307,8 @@ class StreamRoutes:
         next_offset = format_offset(result.next_pos)
         at_closed_tail = result.at_closed_tail
         etag = make_etag(path, start, next_offset, at_closed_tail)
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers={"ETag": etag})
+        if request.state.headers.get("if-none-match") == etag:
+            return Reply(status_code=304, headers={"ETag": etag})
         out = {"Content-Type": state.content_type, NEXT_OFFSET: next_offset, "ETag": etag}
         if result.up_to_date:
             out[UP_TO_DATE] = "true"
@@ -327,7 +323,7 @@ class StreamRoutes:
             if not result.up_to_date or at_closed_tail
             else "no-cache"
         )
-        return Response(_body_of(state.content_type, result.chunks), headers=out)
+        return Reply(_body_of(state.content_type, result.chunks), headers=out)
 
     async def _sse(self, path: str, raw: str, cursor: str | None) -> Response:
         # Validate before committing to a 200 event stream.
@@ -338,6 +334,7 @@ class StreamRoutes:
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
+            **SECURITY_HEADER_MAP,
         }
         if encode_base64:
             out["Stream-SSE-Data-Encoding"] = "base64"
@@ -348,74 +345,119 @@ class StreamRoutes:
     async def _sse_events(
         self, path: str, start: int, cursor: str | None, encode_base64: bool
     ) -> AsyncIterator[bytes]:
-        position = start
-        stream_id: int | None = None
         deadline = time.monotonic() + self.sse_max_duration_s
         announce = True  # the first pass always tells the client where it stands
         self.live_readers += 1
         try:
-            while True:
-                waiter = self.hub.waiter(stream_id) if stream_id is not None else None
-                try:
-                    result = await self.store.read(path, position, self.max_read_bytes)
-                except AppError:
-                    return  # deleted or expired under us: end the event stream
-                self.store.touch(result.state)
-                state = result.state
-                if result.chunks:
-                    # One write per read: each data event with its control event, so a client
-                    # never sees data without the offset that resumes after it.
-                    last = len(result.chunks) - 1
-                    events: list[bytes] = []
-                    for i, (end_pos, data) in enumerate(result.chunks):
-                        events.append(
-                            _sse_event(
-                                "data", _sse_payload(state.content_type, data, encode_base64)
+            async with self._follow(path, start) as follow:
+                async for result in follow:
+                    state = result.state
+                    if result.chunks:
+                        # One write per read: each data event with its control event, so a
+                        # client never sees data without the offset that resumes after it.
+                        last = len(result.chunks) - 1
+                        events: list[bytes] = []
+                        for i, (end_pos, data) in enumerate(result.chunks):
+                            payload = _sse_payload(state.content_type, data, encode_base64)
+                            events.append(_sse_event("data", payload))
+                            at_tail = i == last and result.up_to_date
+                            events.append(
+                                _control(end_pos, cursor, at_tail, at_tail and state.closed)
                             )
-                        )
-                        tail_reached = i == last and result.up_to_date
-                        events.append(
-                            _control(end_pos, cursor, tail_reached, tail_reached and state.closed)
-                        )
-                    yield b"".join(events)
-                    position = result.next_pos
-                    if result.at_closed_tail:
-                        return
-                    if not result.up_to_date:
-                        continue
-                elif announce:
-                    position = min(position, state.tail)
-                    yield _control(position, cursor, True, state.closed)
-                    if state.closed:
-                        return
-                announce = False
-                if waiter is None:
-                    stream_id = state.id
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return  # clients reconnect from the last streamNextOffset
-                await asyncio.wait({waiter}, timeout=min(remaining, self.long_poll_timeout_s))
-                if not waiter.done():
-                    announce = True  # keep-alive control event after an idle wait
+                        yield b"".join(events)
+                        follow.position = result.next_pos
+                        if result.at_closed_tail:
+                            return
+                        if not result.up_to_date:
+                            continue
+                    elif announce:
+                        follow.position = min(follow.position, state.tail)
+                        yield _control(follow.position, cursor, True, state.closed)
+                        if state.closed:
+                            return
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return  # clients reconnect from the last streamNextOffset
+                    # An idle wait ends with a keep-alive control event.
+                    announce = not await follow.wait(min(remaining, self.long_poll_timeout_s))
+        except AppError:
+            return  # deleted or expired under us: end the event stream
         finally:
             self.live_readers -= 1
 
     async def _body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
+        declared = request.state.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_append_bytes:
             raise PayloadTooLarge(f"body is larger than {self.max_append_bytes} bytes")
         chunks: list[bytes] = []
         size = 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > self.max_append_bytes:
-                    raise PayloadTooLarge(f"body is larger than {self.max_append_bytes} bytes")
+        more = True
+        while more:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                raise BadRequest("the client went away before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_append_bytes:
+                raise PayloadTooLarge(f"body is larger than {self.max_append_bytes} bytes")
+            if chunk:
                 chunks.append(chunk)
-        except ClientDisconnect:
-            raise BadRequest("the client went away before sending the whole body") from None
-        return b"".join(chunks)
+            more = message.get("more_body", False)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _Follower:
+    """Reads a stream from a position, then again each time it changes.
+
+    Subscribes to the stream's wake-ups *before* each database read, so a commit landing
+    between a read and the wait is never missed; a wake-up from this process's own writer that
+    appended exactly where the reader stands is answered from memory.
+    """
+
+    def __init__(self, routes: StreamRoutes, path: str, position: int) -> None:
+        self.routes = routes
+        self.path = path
+        self.position = position
+        self._stack = contextlib.ExitStack()
+        self._channel: Channel | None = None
+        self._seen = 0
+        self._woken = False
+
+    async def __aenter__(self) -> _Follower:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._stack.close()
+
+    def __aiter__(self) -> _Follower:
+        return self
+
+    async def __anext__(self) -> ReadResult:
+        routes = self.routes
+        if self._channel is not None and self._woken:
+            cached = self._channel.cached_read(self._seen, self.position, routes.max_read_bytes)
+            self._seen = self._channel.version
+            if cached is not None:
+                routes.store.touch(cached.state)
+                return cached
+        elif self._channel is not None:
+            self._seen = self._channel.version
+        result = await routes.store.read(self.path, self.position, routes.max_read_bytes)
+        routes.store.touch(result.state)
+        if self._channel is None:
+            # First read: subscribe, then read once more so nothing commits unseen in between.
+            self._channel = self._stack.enter_context(routes.hub.subscribe(result.state.id))
+            self._seen = self._channel.version
+            result = await routes.store.read(self.path, self.position, routes.max_read_bytes)
+        return result
+
+    async def wait(self, max_wait_s: float) -> bool:
+        """Wait for a change; False when `max_wait_s` passed without one."""
+        assert self._channel is not None
+        if max_wait_s > 0:
+            await self._channel.wait(self._seen, max_wait_s)
+        self._woken = self._channel.version != self._seen
+        return self._woken
 
 
 def _append_response(outcome: AppendOutcome) -> Response:
@@ -428,7 +470,7 @@ def _append_response(outcome: AppendOutcome) -> Response:
         out["Producer-Epoch"] = str(outcome.producer_epoch)
     if outcome.producer_seq is not None:
         out["Producer-Seq"] = str(outcome.producer_seq)
-    return Response(status_code=outcome.status, headers=out)
+    return Reply(status_code=outcome.status, headers=out)
 
 
 def _body_of(content_type: str, chunks: list[tuple[int, bytes]]) -> bytes:

@@ -17,6 +17,7 @@ SQLite's BEGIN IMMEDIATE serialises writers), so offsets stay strictly increasin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections import deque
@@ -30,7 +31,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from streams_service.durable import sql
-from streams_service.durable.live import LiveHub
+from streams_service.durable.live import LiveHub, TailUpdate
 from streams_service.durable.model import (
     DEFAULT_CONTENT_TYPE,
     AppendOutcome,
@@ -165,9 +166,15 @@ class StreamWriter:
             assert isinstance(op, AppendOp | ControlOp | TouchOp)
             self._pending.append(op)
 
-    def _deliver(self, settlements: list[tuple[asyncio.Future[Any], Any]], woken: set[int]) -> None:
-        """Runs on the event loop: wake live readers, then answer the requests."""
-        self._hub.notify(woken)
+    def _deliver(
+        self,
+        settlements: list[tuple[asyncio.Future[Any], Any]],
+        woken: set[int],
+        updates: dict[int, TailUpdate] | None = None,
+    ) -> None:
+        """Runs on the event loop: wake live readers (before answering the writers: a reader
+        should not learn of an append later than its writer does), then answer the requests."""
+        self._hub.notify(woken, updates)
         for future, outcome in settlements:
             if future.done():
                 continue
@@ -204,12 +211,14 @@ class StreamWriter:
         appends = [op for op in batch if isinstance(op, AppendOp)]
         for attempt in (1, 2):
             try:
-                outcomes, woken = self._commit_batch(batch)
+                outcomes, woken, updates = self._commit_batch(batch)
                 break
             except Exception as exc:
-                # The transaction rolled back as a whole, so one retry after a dropped connection
-                # or a deadlock with another process is safe.
-                if attempt == 1 and isinstance(exc, DBAPIError) and _retryable(exc):
+                # A deadlock or serialization failure rolled the transaction back as a whole, so
+                # one retry is safe. A dropped connection is not retried: the COMMIT may have
+                # landed, and a plain append retried would be written twice; the client gets
+                # a 503 and retries (idempotent producers make that safe).
+                if attempt == 1 and _retryable(exc):
                     continue
                 failure = _storage_error(exc)
                 self._loop.call_soon_threadsafe(
@@ -219,17 +228,15 @@ class StreamWriter:
         self.batches_committed += 1
         self.appends_committed += sum(1 for _, o in outcomes if not isinstance(o, AppError))
         self._loop.call_soon_threadsafe(
-            self._deliver, [(op.future, outcome) for op, outcome in outcomes], woken
+            self._deliver, [(op.future, outcome) for op, outcome in outcomes], woken, updates
         )
 
-    def _commit_batch(
-        self, batch: list[AppendOp | TouchOp]
-    ) -> tuple[list[tuple[AppendOp, AppendOutcome | AppError]], set[int]]:
+    def _commit_batch(self, batch: list[AppendOp | TouchOp]) -> BatchResult:
         now = now_ms()
         appends = [op for op in batch if isinstance(op, AppendOp) and not op.future.cancelled()]
         touches = [op for op in batch if isinstance(op, TouchOp)]
-        outcomes: list[tuple[AppendOp, AppendOutcome | AppError]] = []
-        woken: set[int] = set()
+        if self.is_postgres and not touches:
+            return self._commit_batch_pg(appends, now)
         with self._engine.begin() as conn:
             states: dict[str, StreamState] = {}
             paths = sorted({op.path for op in appends})
@@ -243,38 +250,83 @@ class StreamWriter:
                 for row in conn.execute(stmt):
                     states[row.path] = StreamState.from_row(row)
             producer_state = self._load_producers(conn, appends, states)
-            new_messages: list[dict[str, Any]] = []
-            dirty: dict[int, StreamState] = {}
-            dirty_producers: set[tuple[int, str]] = set()
-            for op in appends:
-                try:
-                    outcome = apply_append(
-                        op.path,
-                        op.request,
-                        states.get(op.path),
-                        producer_state,
-                        now,
-                        new_messages,
-                        dirty_producers,
-                    )
-                except AppError as exc:
-                    outcomes.append((op, exc))
-                    continue
-                state = states[op.path]
-                dirty[state.id] = state
-                outcomes.append((op, outcome))
-            if new_messages:
-                self._insert_messages(conn, new_messages)
-            if dirty:
-                conn.execute(_UPDATE_STREAM, [_stream_update_params(s) for s in dirty.values()])
-                woken.update(dirty)
-            if dirty_producers:
-                self._upsert_producers(conn, producer_state, dirty_producers, now)
+            staged = stage_appends(appends, states, producer_state, now)
+            if staged.messages:
+                self._insert_messages(conn, staged.messages)
+            if staged.dirty:
+                conn.execute(
+                    _UPDATE_STREAM, [_stream_update_params(s) for s in staged.dirty.values()]
+                )
+            if staged.dirty_producers:
+                self._upsert_producers(conn, producer_state, staged.dirty_producers, now)
             if touches:
                 self._apply_touches(conn, touches)
-            if self.is_postgres and woken:
-                self._pg_notify(conn, woken)
-        return outcomes, woken
+            if self.is_postgres and staged.dirty:
+                self._pg_notify(conn, set(staged.dirty))
+        return staged.result()
+
+    def _commit_batch_pg(self, appends: list[AppendOp], now: int) -> BatchResult:
+        """The same transaction in two round trips, with psycopg's pipeline mode: the stream rows
+        (locked) and producer states come back together; then every write and the COMMIT go
+        out together. On this hot path, round trips are most of a commit's latency."""
+        paths = sorted({op.path for op in appends})
+        pids = sorted({op.request.producer.id for op in appends if op.request.producer})
+        raw = self._engine.raw_connection()
+        try:
+            pg = raw.driver_connection
+            assert pg is not None
+            with pg.pipeline() as pipeline, pg.cursor() as cur_streams, pg.cursor() as cur_prod:
+                cur_streams.execute(_PG_LOCK_STREAMS, {"paths": paths})
+                if pids:
+                    cur_prod.execute(_PG_PRODUCERS, {"paths": paths, "pids": pids})
+                pipeline.sync()
+                columns = [c.name for c in cur_streams.description or ()]
+                states = {
+                    state.path: state
+                    for state in (
+                        StreamState.from_row(_Row(dict(zip(columns, r, strict=True))))
+                        for r in cur_streams.fetchall()
+                    )
+                }
+                producer_state: dict[tuple[int, str], tuple[int, int]] = {}
+                if pids:
+                    producer_state = {(r[0], r[1]): (r[2], r[3]) for r in cur_prod.fetchall()}
+                staged = stage_appends(appends, states, producer_state, now)
+                if staged.messages:
+                    cur_streams.execute(
+                        _PG_INSERT_MESSAGES,
+                        {
+                            "sids": [m["stream_id"] for m in staged.messages],
+                            "pos": [m["end_pos"] for m in staged.messages],
+                            "data": [m["data"] for m in staged.messages],
+                        },
+                    )
+                if staged.dirty:
+                    cur_streams.execute(_PG_UPDATE_STREAMS, _pg_stream_arrays(staged.dirty))
+                if staged.dirty_producers:
+                    keys = sorted(staged.dirty_producers)
+                    cur_streams.execute(
+                        _PG_UPSERT_PRODUCERS,
+                        {
+                            "sids": [k[0] for k in keys],
+                            "pids": [k[1] for k in keys],
+                            "epochs": [producer_state[k][0] for k in keys],
+                            "seqs": [producer_state[k][1] for k in keys],
+                            "now": now,
+                        },
+                    )
+                for payload in self._hub.payloads(sorted(staged.dirty)):
+                    cur_streams.execute("SELECT pg_notify('ds_append', %(p)s)", {"p": payload})
+                # Inside the pipeline: the COMMIT travels with the writes, one round trip.
+                pg.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                raw.driver_connection.rollback()  # type: ignore[union-attr]
+            raw.invalidate()
+            raise
+        finally:
+            raw.close()
+        return staged.result()
 
     def _insert_messages(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         if self.is_postgres and len(rows) > 1:
@@ -531,6 +583,57 @@ def sweep(conn: Connection, now: int) -> int:
 # ---------------------------------------------------------------------- appends
 
 
+BatchResult = tuple[
+    list[tuple["AppendOp", AppendOutcome | AppError]], set[int], dict[int, TailUpdate]
+]
+
+
+@dataclass
+class Staged:
+    """A batch validated against locked state, with the writes it implies."""
+
+    outcomes: list[tuple[AppendOp, AppendOutcome | AppError]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    dirty: dict[int, StreamState] = field(default_factory=dict)
+    dirty_producers: set[tuple[int, str]] = field(default_factory=set)
+
+    def result(self) -> BatchResult:
+        updates: dict[int, TailUpdate] = {}
+        for message in self.messages:
+            sid = message["stream_id"]
+            if sid not in updates:
+                updates[sid] = TailUpdate(self.dirty[sid], [])
+            updates[sid].chunks.append((message["end_pos"], message["data"]))
+        return self.outcomes, set(self.dirty), updates
+
+
+def stage_appends(
+    appends: list[AppendOp],
+    states: dict[str, StreamState],
+    producer_state: dict[tuple[int, str], tuple[int, int]],
+    now: int,
+) -> Staged:
+    staged = Staged()
+    for op in appends:
+        try:
+            outcome = apply_append(
+                op.path,
+                op.request,
+                states.get(op.path),
+                producer_state,
+                now,
+                staged.messages,
+                staged.dirty_producers,
+            )
+        except AppError as exc:
+            staged.outcomes.append((op, exc))
+            continue
+        state = states[op.path]
+        staged.dirty[state.id] = state
+        staged.outcomes.append((op, outcome))
+    return staged
+
+
 def apply_append(
     path: str,
     req: AppendRequest,
@@ -638,6 +741,57 @@ def _gap(expected: int, received: int) -> Conflict:
     )
 
 
+class _Row:
+    """Attribute access over a psycopg row, the shape StreamState.from_row reads."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+
+_PG_LOCK_STREAMS = "SELECT * FROM ds_streams WHERE path = ANY(%(paths)s) ORDER BY id FOR UPDATE"
+_PG_PRODUCERS = (
+    "SELECT p.stream_id, p.producer_id, p.epoch, p.last_seq FROM ds_producers p "
+    "JOIN ds_streams s ON s.id = p.stream_id "
+    "WHERE s.path = ANY(%(paths)s) AND p.producer_id = ANY(%(pids)s)"
+)
+_PG_INSERT_MESSAGES = (
+    "INSERT INTO ds_messages (stream_id, end_pos, data) "
+    "SELECT * FROM unnest(%(sids)s::bigint[], %(pos)s::bigint[], %(data)s::bytea[])"
+)
+_PG_UPDATE_STREAMS = (
+    "UPDATE ds_streams AS s SET tail = v.tail, closed = v.closed, "
+    "closed_by_producer = v.cbp, closed_by_epoch = v.cbe, closed_by_seq = v.cbs, "
+    "last_stream_seq = v.seq, accessed_ms = v.acc, expiry_ms = v.exp "
+    "FROM unnest(%(ids)s::bigint[], %(tails)s::bigint[], %(closed)s::boolean[], "
+    "%(cbp)s::text[], %(cbe)s::bigint[], %(cbs)s::bigint[], %(seq)s::text[], "
+    "%(acc)s::bigint[], %(exp)s::bigint[]) "
+    "AS v(id, tail, closed, cbp, cbe, cbs, seq, acc, exp) WHERE s.id = v.id"
+)
+_PG_UPSERT_PRODUCERS = (
+    "INSERT INTO ds_producers (stream_id, producer_id, epoch, last_seq, updated_ms) "
+    "SELECT v.sid, v.pid, v.epoch, v.seq, %(now)s "
+    "FROM unnest(%(sids)s::bigint[], %(pids)s::text[], %(epochs)s::bigint[], %(seqs)s::bigint[]) "
+    "AS v(sid, pid, epoch, seq) "
+    "ON CONFLICT (stream_id, producer_id) DO UPDATE SET epoch = excluded.epoch, "
+    "last_seq = excluded.last_seq, updated_ms = excluded.updated_ms"
+)
+
+
+def _pg_stream_arrays(dirty: dict[int, StreamState]) -> dict[str, list[Any]]:
+    states = list(dirty.values())
+    return {
+        "ids": [s.id for s in states],
+        "tails": [s.tail for s in states],
+        "closed": [s.closed for s in states],
+        "cbp": [s.closed_by[0] if s.closed_by else None for s in states],
+        "cbe": [s.closed_by[1] if s.closed_by else None for s in states],
+        "cbs": [s.closed_by[2] if s.closed_by else None for s in states],
+        "seq": [s.last_stream_seq for s in states],
+        "acc": [s.accessed_ms for s in states],
+        "exp": [s.expiry_ms() for s in states],
+    }
+
+
 _INSERT_UNNEST = text(
     "INSERT INTO ds_messages (stream_id, end_pos, data) "
     "SELECT * FROM unnest(CAST(:sids AS bigint[]), CAST(:pos AS bigint[]), CAST(:data AS bytea[]))"
@@ -706,8 +860,9 @@ def _op_size(op: AppendOp | TouchOp) -> int:
     return 0
 
 
-def _retryable(exc: DBAPIError) -> bool:
-    return bool(exc.connection_invalidated) or "deadlock" in str(exc.orig).lower()
+def _retryable(exc: BaseException) -> bool:
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    return getattr(orig, "sqlstate", None) in ("40P01", "40001")
 
 
 def _storage_error(exc: BaseException) -> AppError:
