@@ -147,6 +147,7 @@ async def _start_services(settings: Settings, stack: contextlib.AsyncExitStack) 
         log.warning("recovery_skipped", error=type(exc).__name__)
     stack.push_async_callback(generations.shutdown, settings.drain_timeout_s)
     sessions = SessionService(settings, store, sessionmaker, generations, catalog)
+    generations.on_first_exchange = sessions.generate_title
     return Services(settings, read_engine, hub, store, sessions, generations)
 
 
@@ -258,3 +259,8 @@ async def _sweep_forever(store: StreamStore, settings: Settings) -> None:
                 log.info("streams_swept", removed=removed)
         except Exception as exc:
             log.warning("sweep_failed", error=type(exc).__name__)
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `chatops serve --workers N`: each worker process builds its own app."""
+    return create_app(Settings())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -22,9 +23,19 @@ def _serve(args: argparse.Namespace) -> int:
         # The embedded default migrates itself; Postgres is migrated by `chatops db upgrade`
         # (the release command of a deploy), never by a serving replica.
         upgrade(settings.database_url)
-    app = create_app(settings)
+    workers = args.workers or settings.workers
+    if workers > 1 and settings.is_sqlite:
+        print(
+            "chatops: --workers > 1 needs Postgres (SQLite cannot wake other processes)",
+            file=sys.stderr,
+        )
+        return 2
+    # One process serves everything; more worker processes share the port and meet in Postgres.
+    target: Any = create_app(settings) if workers == 1 else "streams_service.app:app_from_env"
     uvicorn.run(
-        app,
+        target,
+        factory=workers > 1,
+        workers=workers if workers > 1 else None,
         host=args.host,
         port=args.port,
         loop="uvloop",
@@ -32,6 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=5,
+        proxy_headers=False,
+        server_header=False,
     )
     return 0
 
@@ -69,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the streams service")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="worker processes (Postgres only; default WORKERS or 1)",
+    )
     serve.set_defaults(func=_serve)
 
     simulator = sub.add_parser(

@@ -57,7 +57,10 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=25.0, ge=0)
     # Pace of the built-in simulator when no API key is set.
     simulator_ttft_ms: int = Field(default=300, ge=0)
-    simulator_tokens_per_s: float = Field(default=80.0, gt=0)
+    simulator_tokens_per_s: float = Field(default=80.0, ge=0)  # 0: unpaced
+    # Worker processes of `chatops serve` (Postgres only): each runs its own writer and live
+    # readers; Postgres row locks and LISTEN/NOTIFY keep them consistent.
+    workers: int = Field(default=1, ge=1, le=32)
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
     log_level: str = "INFO"

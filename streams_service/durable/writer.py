@@ -293,14 +293,7 @@ class StreamWriter:
                     producer_state = {(r[0], r[1]): (r[2], r[3]) for r in cur_prod.fetchall()}
                 staged = stage_appends(appends, states, producer_state, now)
                 if staged.messages:
-                    cur_streams.execute(
-                        _PG_INSERT_MESSAGES,
-                        {
-                            "sids": [m["stream_id"] for m in staged.messages],
-                            "pos": [m["end_pos"] for m in staged.messages],
-                            "data": [m["data"] for m in staged.messages],
-                        },
-                    )
+                    cur_streams.execute(_PG_INSERT_MESSAGES, _pg_message_params(staged.messages))
                 if staged.dirty:
                     cur_streams.execute(_PG_UPDATE_STREAMS, _pg_stream_arrays(staged.dirty))
                 if staged.dirty_producers:
@@ -754,10 +747,34 @@ _PG_PRODUCERS = (
     "JOIN ds_streams s ON s.id = p.stream_id "
     "WHERE s.path = ANY(%(paths)s) AND p.producer_id = ANY(%(pids)s)"
 )
+# The batch's payloads travel as one bytea and its numbers as comma-separated text, split
+# server-side: adapting a Python list of N values costs Python work per element, under the GIL
+# the request handlers need; joining strings and bytes does not.
 _PG_INSERT_MESSAGES = (
     "INSERT INTO ds_messages (stream_id, end_pos, data) "
-    "SELECT * FROM unnest(%(sids)s::bigint[], %(pos)s::bigint[], %(data)s::bytea[])"
+    "SELECT v.sid, v.pos, substring(%(blob)s::bytea FROM v.start FOR v.len) "
+    "FROM unnest(string_to_array(%(sids)s, ',')::bigint[], "
+    "string_to_array(%(pos)s, ',')::bigint[], string_to_array(%(starts)s, ',')::int[], "
+    "string_to_array(%(lens)s, ',')::int[]) AS v(sid, pos, start, len)"
 )
+
+
+def _pg_message_params(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    datas = [r["data"] for r in rows]
+    starts: list[int] = []
+    at = 1  # substring() counts from 1
+    for data in datas:
+        starts.append(at)
+        at += len(data)
+    return {
+        "blob": b"".join(datas),
+        "sids": ",".join(str(r["stream_id"]) for r in rows),
+        "pos": ",".join(str(r["end_pos"]) for r in rows),
+        "starts": ",".join(map(str, starts)),
+        "lens": ",".join(str(len(d)) for d in datas),
+    }
+
+
 _PG_UPDATE_STREAMS = (
     "UPDATE ds_streams AS s SET tail = v.tail, closed = v.closed, "
     "closed_by_producer = v.cbp, closed_by_epoch = v.cbe, closed_by_seq = v.cbs, "

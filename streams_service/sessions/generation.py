@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import anthropic
+import httpx2
 import structlog
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -77,6 +78,7 @@ class Handle:
     task: asyncio.Task[None] | None = None
     inner: asyncio.Task[str] | None = None
     stop_reason: str | None = None  # "stopped" or "interrupted" once asked to end
+    finishing: bool = False  # the terminal event is being written; only bookkeeping is left
     approvals: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -103,7 +105,8 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
         return "overloaded", _upstream_message(exc, "Claude is overloaded; try again shortly.")
     if isinstance(exc, UpstreamStalled):
         return "upstream_cut", "Claude stopped responding; the answer so far is kept."
-    if isinstance(exc, UpstreamCut | anthropic.APIConnectionError):
+    if isinstance(exc, UpstreamCut | anthropic.APIConnectionError | httpx2.TransportError):
+        # A connection dropped mid-stream surfaces as the transport's own error (SDK 2.x).
         return "upstream_cut", "The connection to Claude was cut; the answer so far is kept."
     return "internal", "The generation failed unexpectedly."
 
@@ -138,6 +141,9 @@ class GenerationManager:
         self.title_model = title_model
         self.instance = instance
         self.running: dict[str, Handle] = {}
+        # Called after a session's first exchange completes (titles); set by the session layer.
+        self.on_first_exchange: Callable[[str, str], Coroutine[Any, Any, None]] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     def start(self, spec: GenerationSpec) -> Handle:
         handle = Handle(spec)
@@ -160,6 +166,11 @@ class GenerationManager:
                 future.set_result(False)
         return handle
 
+    def finishing(self, session_id: str) -> asyncio.Event | None:
+        """The `done` event of this session's generation if it is past its terminal event."""
+        handle = self.running.get(session_id)
+        return handle.done if handle is not None and handle.finishing else None
+
     def answer_approval(self, session_id: str, tool_call_id: str, approved: bool) -> bool:
         handle = self.running.get(session_id)
         future = handle.approvals.get(tool_call_id) if handle else None
@@ -170,6 +181,8 @@ class GenerationManager:
 
     async def shutdown(self, timeout_s: float) -> None:
         """Let running generations finish within `timeout_s`; end the rest as interrupted."""
+        for task in list(self._background):
+            task.cancel()
         handles = list(self.running.values())
         if not handles:
             return
@@ -572,43 +585,45 @@ class _Runner:
                 Usage(input_tokens=self.current_input_tokens, output_tokens=self.output_chars // 4),
             )
         usage = _sum_usage(self.usage_calls)
-        persisted = await self._persist(
-            status, finish if error is None else None, code, message, usage
-        )
-        usage_event = {
-            "promptTokens": usage.input_tokens
-            + usage.cache_read_tokens
-            + usage.cache_write_5m_tokens
-            + usage.cache_write_1h_tokens,
-            "completionTokens": usage.output_tokens,
-            "totalTokens": usage.input_tokens
+        total_input = (
+            usage.input_tokens
             + usage.cache_read_tokens
             + usage.cache_write_5m_tokens
             + usage.cache_write_1h_tokens
-            + usage.output_tokens,
+        )
+        usage_event = {
+            "promptTokens": total_input,
+            "completionTokens": usage.output_tokens,
+            "totalTokens": total_input + usage.output_tokens,
         }
+        # The stream first, then the database: when a client sees the session idle, the stream
+        # already holds the whole answer and its terminal event.
+        self.h.finishing = True
         if code is not None:
-            await self.writer.emit(
-                records.event(
-                    "RUN_ERROR", runId=spec.generation_id, error={"message": message, "code": code}
-                )
+            terminal = records.event(
+                "RUN_ERROR", runId=spec.generation_id, error={"message": message, "code": code}
             )
         else:
-            await self.writer.emit(
-                records.event(
-                    "RUN_FINISHED", runId=spec.generation_id, finishReason=finish, usage=usage_event
-                )
+            terminal = records.event(
+                "RUN_FINISHED", runId=spec.generation_id, finishReason=finish, usage=usage_event
             )
-        await self.writer.flush()
-        if persisted and self.writer.last_offset is not None:
-            async with self.m.sessionmaker.begin() as db:
-                await db.execute(
-                    update(ChatMessage)
-                    .where(
-                        ChatMessage.session_id == spec.session_id, ChatMessage.id == spec.message_id
-                    )
-                    .values(stream_offset=self.writer.last_offset)
-                )
+        try:
+            await self.writer.emit(terminal)
+            await self.writer.flush()
+        except Exception as exc:
+            log.error(
+                "terminal_event_failed", generation_id=spec.generation_id, error=type(exc).__name__
+            )
+        persisted = await self._persist(
+            status, finish if error is None else None, code, message, usage, self.writer.last_offset
+        )
+        hook = self.m.on_first_exchange
+        if persisted and status == "completed" and spec.is_first_exchange and hook is not None:
+            task: asyncio.Task[None] = asyncio.create_task(
+                hook(spec.session_id, spec.first_user_text)
+            )
+            self.m._background.add(task)
+            task.add_done_callback(self.m._background.discard)
 
     async def _persist(
         self,
@@ -617,6 +632,7 @@ class _Runner:
         code: str | None,
         message: str | None,
         usage: Usage,
+        stream_offset: str | None,
     ) -> bool:
         spec = self.spec
         now = datetime.now(UTC)
@@ -639,6 +655,7 @@ class _Runner:
                         parts=parts,
                         status=message_status,
                         generation_id=spec.generation_id,
+                        stream_offset=stream_offset,
                         created_at=now,
                     )
                 )

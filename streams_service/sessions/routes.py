@@ -61,6 +61,11 @@ async def send_message(session_id: str, body: SendMessage, request: Request) -> 
     return await _service(request).send(session_id, body, _user(request))
 
 
+@router.post("/sessions/{session_id}/regenerate", status_code=202, response_model=SendAccepted)
+async def regenerate(session_id: str, request: Request) -> SendAccepted:
+    return await _service(request).regenerate(session_id, _user(request))
+
+
 @router.post("/sessions/{session_id}/stop")
 async def stop(session_id: str, request: Request) -> dict[str, Any]:
     return await _service(request).stop(session_id, _user(request))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -17,7 +18,14 @@ from streams_service.durable.model import AppendRequest, CreateRequest, Producer
 from streams_service.durable.offsets import format_offset, parse_offset
 from streams_service.durable.store import StreamStore
 from streams_service.errors import AppError, BadRequest, Conflict, NotFound, PayloadTooLarge
-from streams_service.llm.models import Catalog, ModelInfo, estimate_cost_usd, round_usd
+from streams_service.llm.models import (
+    Catalog,
+    ModelInfo,
+    Usage,
+    cost_usd,
+    estimate_cost_usd,
+    round_usd,
+)
 from streams_service.sessions import records
 from streams_service.sessions import repository as repo
 from streams_service.sessions.generation import GenerationManager, GenerationSpec
@@ -188,53 +196,54 @@ class SessionService:
             model = model or self.catalog.get(row.model) or self.catalog.default_model
             history = await self._history(db, sid)
             history.append({"role": "user", "content": content})
-            reserve = round_usd(
-                estimate_cost_usd(
-                    model,
-                    _estimate_tokens(history),
-                    self.settings.generation_max_output_tokens,
-                )
-            )
             remaining = _remaining(row)
             if remaining is not None and remaining <= 0:
                 raise PaymentRequired("this session's budget is used up")
-            if remaining is not None:
-                reserve = min(reserve, remaining)
-            if not await repo.claim_generation(db, sid, generation_id, reserve, now):
-                raise Conflict("a generation is already running in this session; stop it first")
-            db.add(
-                ChatMessage(
-                    session_id=sid,
-                    id=message_id,
-                    ordinal=await repo.next_ordinal(db, sid),
-                    role="user",
-                    content=content,
-                    parts=[{"type": "text", "content": content}],
-                    status="complete",
-                    client_message_id=body.client_message_id,
-                    generation_id=generation_id,
-                    created_at=now,
+            reserve = self._reservation(model, history, remaining)
+            claimed = await repo.claim_generation(db, sid, generation_id, reserve, now)
+            if not claimed:
+                retry_after = self.generations.finishing(sid)
+                if retry_after is None:
+                    raise Conflict("a generation is already running in this session; stop it first")
+            else:
+                db.add(
+                    ChatMessage(
+                        session_id=sid,
+                        id=message_id,
+                        ordinal=await repo.next_ordinal(db, sid),
+                        role="user",
+                        content=content,
+                        parts=[{"type": "text", "content": content}],
+                        status="complete",
+                        client_message_id=body.client_message_id,
+                        generation_id=generation_id,
+                        created_at=now,
+                    )
                 )
-            )
-            db.add(
-                Generation(
-                    id=generation_id,
-                    session_id=sid,
-                    user_id=user_id,
-                    user_message_id=message_id,
-                    message_id=assistant_id,
-                    model=model.id,
-                    simulated=self.settings.simulated,
-                    status="running",
-                    reserved_usd=reserve,
-                    owner=self.generations.instance,
-                    started_at=now,
-                    heartbeat_at=now,
+                db.add(
+                    Generation(
+                        id=generation_id,
+                        session_id=sid,
+                        user_id=user_id,
+                        user_message_id=message_id,
+                        message_id=assistant_id,
+                        model=model.id,
+                        simulated=self.settings.simulated,
+                        status="running",
+                        reserved_usd=reserve,
+                        owner=self.generations.instance,
+                        started_at=now,
+                        heartbeat_at=now,
+                    )
                 )
-            )
-            row.message_count += 1
-            first_exchange = row.message_count == 1 and not row.title
-            is_first_text = content
+                row.message_count += 1
+                first_exchange = row.message_count == 1 and not row.title
+        if not claimed:
+            # The previous answer has ended on the stream and is only being saved: wait for it
+            # (milliseconds) rather than refuse a client that reacted to its end.
+            assert retry_after is not None
+            await asyncio.wait({asyncio.ensure_future(retry_after.wait())}, timeout=5)
+            return await self.send(session_id, body, user_id)
         offset = await self._append_user_message(sid, message_id, user_id, content, now)
         async with self.sessionmaker.begin() as db:
             msg = await db.get(ChatMessage, (sid, message_id))
@@ -252,7 +261,7 @@ class SessionService:
                 budget_remaining=remaining,
                 reserved_usd=reserve,
                 is_first_exchange=first_exchange,
-                first_user_text=is_first_text,
+                first_user_text=content,
             )
         )
         return SendAccepted(message_id=message_id, generation_id=generation_id, offset=offset)
@@ -291,6 +300,154 @@ class SessionService:
 
     async def _history(self, db: AsyncSession, sid: str) -> list[dict[str, Any]]:
         return build_history(await repo.messages_of(db, sid))
+
+    async def regenerate(self, session_id: str, user_id: str | None) -> SendAccepted:
+        """Answer the last user message again; the previous answer is marked superseded."""
+        sid = parse_session_id(session_id)
+        now = datetime.now(UTC)
+        generation_id, assistant_id = str(uuid.uuid4()), f"msg_{uuid.uuid4().hex}"
+        async with self.sessionmaker.begin() as db:
+            row = await self._visible(db, sid, user_id)
+            if row.ended_at is not None:
+                raise Conflict("this session has ended; fork it to continue")
+            live = [m for m in await repo.messages_of(db, sid) if m.status != "superseded"]
+            if len(live) < 2 or live[-1].role != "assistant" or live[-2].role != "user":
+                raise Conflict("there is no answer to regenerate")
+            previous, question = live[-1], live[-2]
+            model = self.catalog.get(row.model) or self.catalog.default_model
+            history = build_history(live[:-1])
+            remaining = _remaining(row)
+            if remaining is not None and remaining <= 0:
+                raise PaymentRequired("this session's budget is used up")
+            reserve = self._reservation(model, history, remaining)
+            if not await repo.claim_generation(db, sid, generation_id, reserve, now):
+                raise Conflict("a generation is already running in this session; stop it first")
+            previous.status = "superseded"
+            db.add(
+                Generation(
+                    id=generation_id,
+                    session_id=sid,
+                    user_id=user_id,
+                    user_message_id=question.id,
+                    message_id=assistant_id,
+                    model=model.id,
+                    simulated=self.settings.simulated,
+                    status="running",
+                    reserved_usd=reserve,
+                    owner=self.generations.instance,
+                    started_at=now,
+                    heartbeat_at=now,
+                )
+            )
+            row.message_count -= 1  # the superseded answer no longer counts
+        # Tell open tabs the old answer is replaced, then run the new one.
+        notice = records.chunk_record(
+            message_id=previous.id,
+            actor_id="claude",
+            role="assistant",
+            seq=10**9,
+            chunk=records.event(
+                "CUSTOM",
+                name="message-superseded",
+                data={"messageId": previous.id, "by": assistant_id},
+            ),
+            created_at=records.iso(now),
+        )
+        outcome = await self.store.append(
+            stream_path(sid),
+            AppendRequest(body=records.encode([notice]), content_type="application/json"),
+        )
+        assert outcome.next_offset_pos is not None
+        self.generations.start(
+            GenerationSpec(
+                generation_id=generation_id,
+                session_id=sid,
+                user_id=user_id,
+                message_id=assistant_id,
+                model=model,
+                history=history,
+                stream_path=stream_path(sid),
+                budget_remaining=remaining,
+                reserved_usd=reserve,
+            )
+        )
+        return SendAccepted(
+            message_id=question.id,
+            generation_id=generation_id,
+            offset=format_offset(outcome.next_offset_pos),
+        )
+
+    def _reservation(
+        self, model: ModelInfo, history: list[dict[str, Any]], remaining: Decimal | None
+    ) -> Decimal:
+        """The estimated cost reserved before the upstream call, capped by what is left."""
+        reserve = round_usd(
+            estimate_cost_usd(
+                model, _estimate_tokens(history), self.settings.generation_max_output_tokens
+            )
+        )
+        return reserve if remaining is None else min(reserve, remaining)
+
+    async def generate_title(self, session_id: str, first_text: str) -> None:
+        """After the first exchange: a short title from the cheap model, else the first words.
+        Its cost is recorded like any generation's; it never overwrites a title someone set."""
+        title, cost, usage_row = None, Decimal(0), None
+        model = self.catalog.title_model
+        try:
+            reply = await self.generations.client.messages.create(
+                model=model.id,
+                max_tokens=24,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": "Write a title of at most six words for a chat that starts "
+                        "with the message below. Reply with the title only.\n\n"
+                        + first_text[:2000],
+                    }
+                ],
+            )
+            text = "".join(b.text for b in reply.content if b.type == "text")
+            title = _clean_title(text)
+            usage = Usage.from_anthropic(reply.usage)
+            cost = round_usd(cost_usd(model, usage))
+            usage_row = usage
+        except Exception as exc:
+            log.info("title_model_unavailable", error=type(exc).__name__)
+        if not title:
+            title = _clean_title(" ".join(first_text.split()[:8]))
+        now = datetime.now(UTC)
+        async with self.sessionmaker.begin() as db:
+            row = await repo.get_session(db, session_id)
+            if row is None:
+                return
+            if usage_row is not None:
+                db.add(
+                    Generation(
+                        id=str(uuid.uuid4()),
+                        session_id=session_id,
+                        user_id=row.user_id,
+                        message_id="",
+                        model=model.id,
+                        simulated=self.settings.simulated,
+                        status="completed",
+                        finish_reason="title",
+                        input_tokens=usage_row.input_tokens,
+                        output_tokens=usage_row.output_tokens,
+                        cache_read_tokens=usage_row.cache_read_tokens,
+                        cache_write_5m_tokens=usage_row.cache_write_5m_tokens,
+                        cache_write_1h_tokens=usage_row.cache_write_1h_tokens,
+                        cost_usd=cost,
+                        upstream_calls=1,
+                        started_at=now,
+                        finished_at=now,
+                    )
+                )
+                row.cost_usd = Decimal(row.cost_usd) + cost
+            if row.title:
+                return
+            row.title = title
+            row.updated_at = now
+        await self._publish_session(row)
 
     async def stop(self, session_id: str, user_id: str | None) -> dict[str, Any]:
         sid = parse_session_id(session_id)
@@ -461,3 +618,10 @@ def _remaining(row: ChatSession) -> Decimal | None:
     if row.budget_usd is None or row.budget_usd <= 0:
         return None
     return Decimal(row.budget_usd) - Decimal(row.cost_usd) - Decimal(row.reserved_usd)
+
+
+def _clean_title(text: str) -> str:
+    title = " ".join(text.split()).strip().strip("\"'`*#").strip()
+    if title.lower().startswith("title:"):
+        title = title[6:].strip()
+    return title[:80]
