@@ -42,7 +42,12 @@ async def _counts(app: FastAPI, session_id: str) -> tuple[int, int]:
             .where(ChatMessage.session_id == session_id)
         )
         generations = await db.scalar(
-            select(func.count()).select_from(Generation).where(Generation.session_id == session_id)
+            select(func.count())
+            .select_from(Generation)
+            .where(
+                Generation.session_id == session_id,
+                Generation.finish_reason.is_distinct_from("title"),
+            )
         )
     return int(messages or 0), int(generations or 0)
 
@@ -116,7 +121,13 @@ async def test_a_message_streams_and_is_persisted(
     model = load_catalog().get(generation.model)
     assert model is not None
     assert generation.cost_usd == round_usd(cost_usd(model, usage)) > 0
-    assert Decimal(session["cost_usd"]) == generation.cost_usd
+    # The session's cost is the sum of its generations' (this one, and the title's once done).
+    session = await _wait_title(client, sid)
+    async with services(app).sessions.sessionmaker() as db:
+        total = await db.scalar(
+            select(func.sum(Generation.cost_usd)).where(Generation.session_id == sid)
+        )
+    assert Decimal(session["cost_usd"]) == total
     assert generation.status == "completed" and generation.ttft_ms is not None
     assert generation.ratelimit and any(
         k.startswith("anthropic-ratelimit-") for k in generation.ratelimit
