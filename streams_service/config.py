@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     # Largest body one append (or create) may carry; larger ones get 413.
     streams_max_append_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # Upper bound on the body of one catch-up read; the client continues from Stream-Next-Offset.
-    streams_max_read_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    streams_max_read_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # How often the sweeper removes expired streams.
     streams_sweep_interval_s: float = Field(default=30.0, gt=0)
     # Comma-separated origins allowed by CORS; "*" allows any (dev default).

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from db.migrate import upgrade
 from streams_service.app import create_app
 from streams_service.config import Settings
-from tests.support import postgres_database
+from tests.support import migrate, postgres_database
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
@@ -61,3 +61,16 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 def stream_url() -> str:
     return f"/v1/stream/test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A new, empty database for tests that start real server processes. SQLite is a file the
+    server migrates at start; Postgres is migrated with `chatops db upgrade` first, as a deploy
+    does, and dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fresh.db'}"
+        return
+    with postgres_database("chatops_fresh") as url:
+        migrate(url)
+        yield url

@@ -108,3 +108,9 @@ def test_db_upgrade_creates_the_schema_and_is_idempotent() -> None:
         finally:
             engine.dispose()
         assert {"ds_streams", "ds_messages", "ds_producers", "alembic_version"} <= tables
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    missing = [name.upper() for name in Settings.model_fields if f"`{name.upper()}`" not in readme]
+    assert not missing, f"settings missing from README.md: {missing}"

@@ -221,19 +221,8 @@ class SessionService:
                     )
                 )
                 db.add(
-                    Generation(
-                        id=generation_id,
-                        session_id=sid,
-                        user_id=user_id,
-                        user_message_id=message_id,
-                        message_id=assistant_id,
-                        model=model.id,
-                        simulated=self.settings.simulated,
-                        status="running",
-                        reserved_usd=reserve,
-                        owner=self.generations.instance,
-                        started_at=now,
-                        heartbeat_at=now,
+                    self._running_generation(
+                        generation_id, sid, user_id, message_id, assistant_id, model, reserve, now
                     )
                 )
                 row.message_count += 1
@@ -324,19 +313,8 @@ class SessionService:
                 raise Conflict("a generation is already running in this session; stop it first")
             previous.status = "superseded"
             db.add(
-                Generation(
-                    id=generation_id,
-                    session_id=sid,
-                    user_id=user_id,
-                    user_message_id=question.id,
-                    message_id=assistant_id,
-                    model=model.id,
-                    simulated=self.settings.simulated,
-                    status="running",
-                    reserved_usd=reserve,
-                    owner=self.generations.instance,
-                    started_at=now,
-                    heartbeat_at=now,
+                self._running_generation(
+                    generation_id, sid, user_id, question.id, assistant_id, model, reserve, now
                 )
             )
             row.message_count -= 1  # the superseded answer no longer counts
@@ -375,6 +353,32 @@ class SessionService:
             message_id=question.id,
             generation_id=generation_id,
             offset=format_offset(outcome.next_offset_pos),
+        )
+
+    def _running_generation(
+        self,
+        generation_id: str,
+        sid: str,
+        user_id: str | None,
+        user_message_id: str,
+        assistant_id: str,
+        model: ModelInfo,
+        reserve: Decimal,
+        now: datetime,
+    ) -> Generation:
+        return Generation(
+            id=generation_id,
+            session_id=sid,
+            user_id=user_id,
+            user_message_id=user_message_id,
+            message_id=assistant_id,
+            model=model.id,
+            simulated=self.settings.simulated,
+            status="running",
+            reserved_usd=reserve,
+            owner=self.generations.instance,
+            started_at=now,
+            heartbeat_at=now,
         )
 
     def _reservation(

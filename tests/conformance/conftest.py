@@ -7,12 +7,11 @@ fresh, empty database; the test starts `chatops serve` on it and runs vitest aga
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import REPO_ROOT, migrate, postgres_database
+from tests.support import REPO_ROOT
 
 CONFORMANCE_DIR = REPO_ROOT / "conformance"
 VITEST_ENTRY = CONFORMANCE_DIR / "node_modules" / "vitest" / "vitest.mjs"
@@ -36,18 +35,3 @@ def conformance_installed() -> Path:
             pytrace=False,
         )
     return CONFORMANCE_DIR
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def conformance_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """DATABASE_URL of a fresh database; Postgres ones are migrated and dropped afterwards.
-
-    SQLite databases are migrated by the server at start.
-    """
-    if request.param == "sqlite":
-        # tmp_path is absolute, so this is sqlite:////abs/path/conformance.db
-        yield f"sqlite:///{tmp_path / 'conformance.db'}"
-        return
-    with postgres_database("chatops_conf") as url:
-        migrate(url)
-        yield url

@@ -140,13 +140,13 @@ def _failure_summary(
 
 def test_server_passes_conformance_suite(
     conformance_installed: Path,
-    conformance_database_url: str,
+    fresh_database_url: str,
     request: pytest.FixtureRequest,
     tmp_path: Path,
 ) -> None:
-    backend = request.node.callspec.params["conformance_database_url"]
+    backend = request.node.callspec.params["fresh_database_url"]
     server = ServerProcess(
-        conformance_database_url,
+        fresh_database_url,
         tmp_path,
         name=f"chatops-{backend}",
         STREAMS_LONG_POLL_TIMEOUT_MS=str(LONG_POLL_TIMEOUT_MS),

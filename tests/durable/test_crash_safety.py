@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import ServerProcess, migrate, postgres_database, tail
+from tests.support import ServerProcess, tail
 
 WRITERS = 16
 # Kill once this many appends have been acknowledged (count-based, never time-based).
@@ -46,25 +46,13 @@ Key = tuple[int, int]  # (writer, n)
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh database. SQLite is a file the server migrates at start; Postgres is migrated
-    with `chatops db upgrade` first, as a deploy does."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'crash.db'}"
-        return
-    with postgres_database("chatops_crash") as url:
-        migrate(url)
-        yield url
-
-
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[[str, str], ServerProcess]]:
     """Start `chatops serve` processes; whatever is still running is stopped at teardown."""
     started: list[ServerProcess] = []
 
-    def _spawn(database_url: str, name: str) -> ServerProcess:
-        server = ServerProcess(database_url, tmp_path, name)
+    def _spawn(fresh_database_url: str, name: str) -> ServerProcess:
+        server = ServerProcess(fresh_database_url, tmp_path, name)
         started.append(server)
         return server.start()
 
@@ -274,16 +262,16 @@ def stream_url(server: ServerProcess, path: str) -> str:
 
 
 async def test_acknowledged_appends_survive_sigkill(
-    database_url: str, spawn: Callable[[str, str], ServerProcess]
+    fresh_database_url: str, spawn: Callable[[str, str], ServerProcess]
 ) -> None:
     path = f"crash/plain-{secrets.token_hex(4)}"
-    before = spawn(database_url, "before-crash")
+    before = spawn(fresh_database_url, "before-crash")
     async with httpx.AsyncClient(timeout=30.0) as client:
         await create_stream(client, stream_url(before, path))
 
     run = await drive_until_kill(before, stream_url(before, path), producer=False)
 
-    after = spawn(database_url, "after-crash")
+    after = spawn(fresh_database_url, "after-crash")
     url = stream_url(after, path)
     async with httpx.AsyncClient(timeout=30.0) as client:
         items, tail_offset = await read_all(client, url)
@@ -308,18 +296,18 @@ async def test_acknowledged_appends_survive_sigkill(
 
 
 async def test_idempotent_producer_retry_after_sigkill_lands_exactly_once(
-    database_url: str, spawn: Callable[[str, str], ServerProcess]
+    fresh_database_url: str, spawn: Callable[[str, str], ServerProcess]
 ) -> None:
     """Sixteen idempotent producers (one request per seq); each one's request cut off by the kill
     is retried after the restart with the same (id, epoch, seq)."""
     path = f"crash/producers-{secrets.token_hex(4)}"
-    before = spawn(database_url, "before-crash")
+    before = spawn(fresh_database_url, "before-crash")
     async with httpx.AsyncClient(timeout=30.0) as client:
         await create_stream(client, stream_url(before, path))
 
     run = await drive_until_kill(before, stream_url(before, path), producer=True)
 
-    after = spawn(database_url, "after-crash")
+    after = spawn(fresh_database_url, "after-crash")
     url = stream_url(after, path)
     async with httpx.AsyncClient(timeout=30.0) as client:
         items, _ = await read_all(client, url)

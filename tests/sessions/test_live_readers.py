@@ -16,25 +16,19 @@ import httpx
 import pytest
 from durable_streams import astream
 
-from tests.support import ServerProcess, migrate, postgres_database
+from tests.support import ServerProcess
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerProcess]:
+@pytest.fixture
+def server(fresh_database_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
     env = {
         "SIMULATOR_TTFT_MS": "20",
         "SIMULATOR_TOKENS_PER_S": "400",
         "STREAM_FLUSH_INTERVAL_MS": "15",
         "STREAMS_LONG_POLL_TIMEOUT_MS": "1000",
     }
-    if request.param == "sqlite":
-        with ServerProcess(f"sqlite:///{tmp_path / 'live.db'}", tmp_path, **env) as proc:
-            yield proc
-        return
-    with postgres_database() as url:
-        migrate(url)
-        with ServerProcess(url, tmp_path, **env) as proc:
-            yield proc
+    with ServerProcess(fresh_database_url, tmp_path, **env) as proc:
+        yield proc
 
 
 def _finished(records: list[Any]) -> bool:
