@@ -20,8 +20,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import loadgen, report, servers
+from benchmarks import loadgen, report, servers, sessions
 from benchmarks.scenarios import RUNNERS, SCENARIOS, Config
+
+# Protocol scenarios run against both servers; the chat-session ones against ours only.
+ALL_SCENARIOS = SCENARIOS + sessions.SCENARIOS
 
 
 def _csv(allowed: tuple[str, ...]) -> Any:
@@ -48,9 +51,10 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenario",
-        type=_csv(SCENARIOS),
-        default=list(SCENARIOS),
-        help=f"comma-separated scenarios (default all): {','.join(SCENARIOS)}",
+        type=_csv(ALL_SCENARIOS),
+        default=list(ALL_SCENARIOS),
+        help=f"comma-separated scenarios (default all; {','.join(sessions.SCENARIOS)} run for "
+        f"ours only): {','.join(ALL_SCENARIOS)}",
     )
     parser.add_argument(
         "--duration",
@@ -170,6 +174,20 @@ def _summary_line(scenario: str, res: dict[str, Any]) -> str:
             f"{res['opened']}/{res['readers']} readers; live {res['live_delivered']}/"
             f"{res['readers']} ({'ok' if res['ok'] else 'FAIL'})"
         )
+    if scenario == "ttft":
+        d, s, o = res["direct_ttft_ms"], res["service_ttft_ms"], res["overhead_ms"]
+        return (
+            f"TTFT direct p50 {d.get('p50')} / p99 {d.get('p99')} ms, via service p50 "
+            f"{s.get('p50')} / p99 {s.get('p99')} ms; overhead p50 {o.get('p50')} / p99 "
+            f"{o.get('p99')} ms; {res['errors']} errors"
+        )
+    if scenario == "scale":
+        lag = res["lag_ms"]
+        return (
+            f"{res['max_sessions']} sessions: lag p50 {lag.get('p50')} / p99 {lag.get('p99')} ms, "
+            f"RSS peak {res['rss_peak_mb']} MB, {res['errors']} errors"
+            + (f" (stopped early: {res['stopped_early']})" if res["stopped_early"] else "")
+        )
     return "done"
 
 
@@ -212,16 +230,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] not available: {reason}", flush=True)
                 continue
             for scenario in args.scenario:
+                if scenario in sessions.SCENARIOS and name != "ours":
+                    continue  # chat-session scenarios exercise our session API only
                 background = _wait_for_quiet(args.quiet_wait)
                 t0 = time.monotonic()
                 print(f"[{name}] {scenario} ... (background load {background} cores)", flush=True)
                 try:
-                    with servers.running(name, workdir) as server:
-                        try:
-                            res = RUNNERS[scenario](server, cfg)
-                        except Exception:
-                            res = {"error": traceback.format_exc(limit=3)}
-                            res["server_log_tail"] = server.log_tail()
+                    if scenario in sessions.SCENARIOS:  # these start their own servers
+                        res = sessions.RUNNERS[scenario](workdir, cfg)
+                    else:
+                        with servers.running(name, workdir) as server:
+                            try:
+                                res = RUNNERS[scenario](server, cfg)
+                            except Exception:
+                                res = {"error": traceback.format_exc(limit=3)}
+                                res["server_log_tail"] = server.log_tail()
                 except Exception as exc:  # the server would not start
                     res = {"error": f"{type(exc).__name__}: {exc}"}
                 res["wall_s"] = round(time.monotonic() - t0, 1)

@@ -144,6 +144,38 @@ METRICS = [
         "ms",
         False,
     ),
+    Metric(
+        "ttft",
+        "TTFT overhead via service p50 (50 sessions)",
+        _dig("overhead_ms", "p50"),
+        "ms",
+        False,
+        5,
+    ),
+    Metric(
+        "ttft",
+        "TTFT overhead via service p99 (50 sessions)",
+        _dig("overhead_ms", "p99"),
+        "ms",
+        False,
+        20,
+    ),
+    Metric("ttft", "TTFT direct to simulator p50", _dig("direct_ttft_ms", "p50"), "ms", False),
+    Metric("ttft", "TTFT through service p50", _dig("service_ttft_ms", "p50"), "ms", False),
+    Metric("ttft", "TTFT through service p99", _dig("service_ttft_ms", "p99"), "ms", False),
+    Metric(
+        "scale",
+        "concurrent generating sessions reached",
+        _dig("max_sessions"),
+        "sessions",
+        True,
+        500,
+    ),
+    Metric("scale", "token delivery lag p50 (largest step)", _dig("lag_ms", "p50"), "ms", False),
+    Metric(
+        "scale", "token delivery lag p99 (largest step)", _dig("lag_ms", "p99"), "ms", False, 250
+    ),
+    Metric("scale", "RSS peak while generating", _dig("rss_peak_mb"), "MB", False, 400),
 ]
 
 
@@ -236,6 +268,19 @@ def _check_text(scenario: str, res: dict[str, Any] | None) -> str:
                 if failed_appends
                 else ""
             )
+        )
+    if scenario == "ttft":
+        return (
+            f"{'pass' if res['ok'] else '**FAIL**'}: {res['direct_samples']} direct and "
+            f"{res['service_samples']} through-service first tokens, {res['errors']} errors"
+        )
+    if scenario == "scale":
+        steps = ", ".join(
+            f"{s['sessions']}: {s['finished']}/{s['sessions']} finished, {s['errors']} errors"
+            for s in res["steps"]
+        )
+        return f"{'pass' if res['ok'] else '**FAIL**'}: {steps}" + (
+            f"; stopped early: {res['stopped_early']}" if res.get("stopped_early") else ""
         )
     return "—"
 
