@@ -70,6 +70,9 @@ class GenerationSpec:
     reserved_usd: Decimal
     is_first_exchange: bool = False
     first_user_text: str = ""
+    # The user message this answers and its stream offset, recorded with the answer.
+    user_message_id: str | None = None
+    user_offset: str | None = None
 
 
 @dataclass
@@ -215,6 +218,7 @@ class _Runner:
         self.settings = manager.settings
         self.parts: list[_Part] = []
         self.text_open = False
+        self.text_seen = False
         self.usage_calls: list[Usage] = []
         self.cost = Decimal(0)
         self.started = time.monotonic()
@@ -391,18 +395,23 @@ class _Runner:
                 self._first_token()
                 self.parts[-1].data["content"] += delta.text
                 self.output_chars += len(delta.text)
+                # The first words go out at once (time to first token); the rest are coalesced.
+                first_text = not self.text_seen
+                self.text_seen = True
                 await self.writer.emit(
-                    records.event("TEXT_MESSAGE_CONTENT", messageId=mid, delta=delta.text)
+                    records.event("TEXT_MESSAGE_CONTENT", messageId=mid, delta=delta.text),
+                    flush=first_text,
                 )
             elif (
                 delta.type == "thinking_delta" and self.parts and self.parts[-1].kind == "thinking"
             ):
-                self._first_token()
+                first = self._first_token()
                 part = self.parts[-1].data
                 part["content"] += delta.thinking
                 self.output_chars += len(delta.thinking)
                 await self.writer.emit(
-                    records.event("STEP_FINISHED", stepId=part["step"], delta=delta.thinking)
+                    records.event("STEP_FINISHED", stepId=part["step"], delta=delta.thinking),
+                    flush=first,
                 )
             elif (
                 delta.type == "input_json_delta"
@@ -430,9 +439,11 @@ class _Runner:
                     )
                 )
 
-    def _first_token(self) -> None:
+    def _first_token(self) -> bool:
         if self.ttft_ms is None:
             self.ttft_ms = int((time.monotonic() - self.started) * 1000)
+            return True
+        return False
 
     def _check_budget(self) -> None:
         remaining = self.spec.budget_remaining
@@ -659,6 +670,15 @@ class _Runner:
                         created_at=now,
                     )
                 )
+                if spec.user_message_id is not None and spec.user_offset is not None:
+                    await db.execute(
+                        update(ChatMessage)
+                        .where(
+                            ChatMessage.session_id == spec.session_id,
+                            ChatMessage.id == spec.user_message_id,
+                        )
+                        .values(stream_offset=spec.user_offset)
+                    )
                 await db.execute(
                     update(Generation)
                     .where(Generation.id == spec.generation_id)

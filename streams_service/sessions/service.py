@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
+from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -233,11 +234,24 @@ class SessionService:
             assert retry_after is not None
             await asyncio.wait({asyncio.ensure_future(retry_after.wait())}, timeout=5)
             return await self.send(session_id, body, user_id)
-        offset = await self._append_user_message(sid, message_id, user_id, content, now)
-        async with self.sessionmaker.begin() as db:
-            msg = await db.get(ChatMessage, (sid, message_id))
-            if msg is not None:
-                msg.stream_offset = offset
+        try:
+            offset = await self._append_user_message(sid, message_id, user_id, content, now)
+        except BaseException:
+            # Not on the stream, so not acknowledged: take the message back and free the session.
+            async with self.sessionmaker.begin() as db:
+                await db.execute(
+                    delete(ChatMessage).where(
+                        ChatMessage.session_id == sid, ChatMessage.id == message_id
+                    )
+                )
+                await db.execute(delete(Generation).where(Generation.id == generation_id))
+                await repo.release_generation(db, sid, generation_id, reserve)
+                await db.execute(
+                    update(ChatSession)
+                    .where(ChatSession.id == sid)
+                    .values(message_count=ChatSession.message_count - 1)
+                )
+            raise
         self.generations.start(
             GenerationSpec(
                 generation_id=generation_id,
@@ -251,6 +265,8 @@ class SessionService:
                 reserved_usd=reserve,
                 is_first_exchange=first_exchange,
                 first_user_text=content,
+                user_message_id=message_id,
+                user_offset=offset,
             )
         )
         return SendAccepted(message_id=message_id, generation_id=generation_id, offset=offset)
