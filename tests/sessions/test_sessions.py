@@ -533,3 +533,21 @@ async def test_regenerate_replaces_the_last_answer(
     assert len(notices) == 1
     generation = await _generation(app, body["generation_id"])
     assert generation.user_message_id == first["message_id"] and generation.status == "completed"
+
+
+async def test_a_send_whose_message_cannot_reach_the_stream_is_taken_back(
+    api: tuple[FastAPI, httpx.AsyncClient],
+) -> None:
+    app, client = api
+    sid = await new_session(client)
+    # The session's stream disappears underneath it (a raw protocol delete).
+    assert (await client.delete(f"/v1/stream/sessions/{sid}")).status_code == 204
+    response = await client.post(f"/v1/sessions/{sid}/messages", json={"content": "hello"})
+    assert response.status_code == 404 and response.json()["error"] == "not_found"
+    # Nothing half-written: no message, no generation, the session is free and unchanged.
+    assert await _counts(app, sid) == (0, 0)
+    session = (await client.get(f"/v1/sessions/{sid}")).json()
+    assert session["active_generation_id"] is None and session["message_count"] == 0
+    async with services(app).sessions.sessionmaker() as db:
+        row = await db.get(ChatSession, sid)
+    assert row is not None and row.reserved_usd == 0
