@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     generation_max_output_tokens: int = Field(default=4096, ge=1)
     # A generation that receives nothing from upstream for this long is ended (watchdog).
     generation_stall_timeout_s: float = Field(default=60.0, gt=0)
+    # A running generation beats every quarter of this; one silent this long was left behind
+    # by a crashed process and is closed as interrupted when a process starts.
+    generation_stale_after_s: float = Field(default=60.0, ge=1)
     # A tool call nobody approves or denies within this long is denied.
     approval_timeout_s: float = Field(default=300.0, gt=0)
     # Upstream calls one generation may make in a tool loop.

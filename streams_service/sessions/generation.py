@@ -35,10 +35,6 @@ from streams_service.sessions.chunks import ChunkWriter
 log = structlog.get_logger(__name__)
 
 RATELIMIT_PREFIX = "anthropic-ratelimit-"
-# A running generation marks itself alive this often; one silent for STALE_AFTER_S was left
-# behind by a crashed process.
-HEARTBEAT_S = 15.0
-STALE_AFTER_S = 60.0
 SYSTEM_PROMPT = (
     "You are Claude, the assistant in the company's internal chat console. Staff use you for "
     "their daily work. Be accurate and concise; use the tools you are given when they help."
@@ -265,7 +261,8 @@ class _Runner:
 
     async def _heartbeat(self) -> None:
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
+            # Four beats per staleness window: a live generation is never taken for a dead one.
+            await asyncio.sleep(self.settings.generation_stale_after_s / 4)
             try:
                 async with self.m.sessionmaker.begin() as db:
                     await db.execute(
@@ -781,7 +778,8 @@ async def recover_interrupted(
 
     now = datetime.now(UTC)
     async with sessionmaker() as db:
-        leftovers = await repo.interrupted_leftovers(db, now - timedelta(seconds=STALE_AFTER_S))
+        stale = timedelta(seconds=manager.settings.generation_stale_after_s)
+        leftovers = await repo.interrupted_leftovers(db, now - stale)
     for gen in leftovers:
         path = f"sessions/{gen.session_id}"
         text = await _partial_text(store, path, gen.message_id)
