@@ -57,7 +57,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _prepare_sqlite(url: URL, sync_engine: Engine, begin_sql: str) -> None:
+def _prepare_sqlite(url: URL, sync_engine: Engine, begin_sql: str | None) -> None:
     database = url.database or ""
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -68,24 +68,28 @@ def _prepare_sqlite(url: URL, sync_engine: Engine, begin_sql: str) -> None:
         # Let SQLAlchemy emit BEGIN itself (pysqlite's implicit transactions are off).
         dbapi_conn.isolation_level = None
 
+    if begin_sql is None:
+        return  # autocommit: each statement is its own transaction
+
     @event.listens_for(sync_engine, "begin")
     def _begin(conn: Any) -> None:
         conn.exec_driver_sql(begin_sql)
 
 
 def create_engine(
-    url: str, *, pool_size: int = 10, max_overflow: int = 20, immediate: bool = False
+    url: str, *, pool_size: int = 10, max_overflow: int = 20, read_only: bool = False
 ) -> AsyncEngine:
     """An async engine for request handlers (the stream writer has its own).
 
-    On SQLite, `immediate=True` starts transactions with BEGIN IMMEDIATE: for engines whose
-    transactions write, so a read-then-write never fails on a lock upgrade. Read-only engines
-    keep plain BEGIN so readers never queue behind writers.
+    `read_only=True` is for the stream read path: statements run in autocommit, with no
+    BEGIN/ROLLBACK round trips around them (a read needs no transaction: everything it reads
+    is committed and append-only). Otherwise transactions are real; on SQLite they start with
+    BEGIN IMMEDIATE, so a read-then-write never fails on a lock upgrade.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_async_engine(url, pool_size=pool_size, max_overflow=max_overflow)
-        _prepare_sqlite(parsed, engine.sync_engine, "BEGIN IMMEDIATE" if immediate else "BEGIN")
+        _prepare_sqlite(parsed, engine.sync_engine, None if read_only else "BEGIN IMMEDIATE")
         return engine
     return create_async_engine(
         url,
@@ -93,6 +97,7 @@ def create_engine(
         max_overflow=max_overflow,
         pool_pre_ping=True,
         pool_recycle=1800,
+        **({"isolation_level": "AUTOCOMMIT"} if read_only else {}),
     )
 
 

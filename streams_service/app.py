@@ -94,14 +94,16 @@ async def _start_services(settings: Settings, stack: contextlib.AsyncExitStack) 
         settings.database_url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
+        read_only=True,
     )
     stack.push_async_callback(read_engine.dispose)
-    # On SQLite, transactions that write use their own engine (BEGIN IMMEDIATE); on Postgres
-    # one pool serves both.
-    app_engine = read_engine
-    if settings.is_sqlite:
-        app_engine = create_engine(settings.database_url, pool_size=5, immediate=True)
-        stack.push_async_callback(app_engine.dispose)
+    # Session data is read and written in real transactions, on a pool of its own.
+    app_engine = create_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+    )
+    stack.push_async_callback(app_engine.dispose)
     sessionmaker = async_sessionmaker(app_engine, expire_on_commit=False)
 
     hub = LiveHub()
