@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -83,7 +84,6 @@ class StreamRoutes:
         self.sse_max_duration_s = sse_max_duration_s
         self.max_append_bytes = max_append_bytes
         self.max_read_bytes = max_read_bytes
-        self.live_readers = 0
 
     async def asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry for `/v1/stream/...`, served without the framework's routing layers."""
@@ -270,32 +270,28 @@ class StreamRoutes:
     ) -> Response:
         deadline = time.monotonic() + self.long_poll_timeout_s
         from_pos = (await self.store.head(path)).tail if raw == "now" else _position(raw)
-        self.live_readers += 1
-        try:
-            async with self._follow(path, from_pos) as follow:
-                async for result in follow:
-                    state = result.state
-                    if result.chunks or from_pos != state.tail:
-                        return self._data_response(path, raw, result, request, cursor=cursor)
-                    if state.closed:
-                        return Reply(
-                            status_code=204,
-                            headers={
-                                NEXT_OFFSET: format_offset(state.tail),
-                                UP_TO_DATE: "true",
-                                CLOSED: "true",
-                            },
-                        )
-                    if not await follow.wait(deadline - time.monotonic()):
-                        out = {
-                            NEXT_OFFSET: format_offset(from_pos),
+        async with self._follow(path, from_pos) as follow:
+            async for result in follow:
+                state = result.state
+                if result.chunks or from_pos != state.tail:
+                    return self._data_response(path, raw, result, request, cursor=cursor)
+                if state.closed:
+                    return Reply(
+                        status_code=204,
+                        headers={
+                            NEXT_OFFSET: format_offset(state.tail),
                             UP_TO_DATE: "true",
-                            CURSOR: response_cursor(cursor),
-                        }
-                        return Reply(status_code=204, headers=out)
-            raise AssertionError("unreachable: a follower yields until told to stop")
-        finally:
-            self.live_readers -= 1
+                            CLOSED: "true",
+                        },
+                    )
+                if not await follow.wait(deadline - time.monotonic()):
+                    out = {
+                        NEXT_OFFSET: format_offset(from_pos),
+                        UP_TO_DATE: "true",
+                        CURSOR: response_cursor(cursor),
+                    }
+                    return Reply(status_code=204, headers=out)
+        raise AssertionError("unreachable: a follower yields until told to stop")
 
     def _follow(self, path: str, position: int) -> _Follower:
         return _Follower(self, path, position)
@@ -347,7 +343,6 @@ class StreamRoutes:
     ) -> AsyncIterator[bytes]:
         deadline = time.monotonic() + self.sse_max_duration_s
         announce = True  # the first pass always tells the client where it stands
-        self.live_readers += 1
         try:
             async with self._follow(path, start) as follow:
                 async for result in follow:
@@ -382,8 +377,6 @@ class StreamRoutes:
                     announce = not await follow.wait(min(remaining, self.long_poll_timeout_s))
         except AppError:
             return  # deleted or expired under us: end the event stream
-        finally:
-            self.live_readers -= 1
 
     async def _body(self, request: Request) -> bytes:
         declared = request.state.headers.get("content-length")
@@ -498,8 +491,6 @@ def _sse_event(kind: str, payload: str) -> bytes:
 
 
 def _control(position: int, cursor: str | None, up_to_date: bool, closed: bool) -> bytes:
-    import json
-
     body: dict[str, object] = {"streamNextOffset": format_offset(position)}
     if closed:
         body["streamClosed"] = True

@@ -252,7 +252,7 @@ class StreamWriter:
             producer_state = self._load_producers(conn, appends, states)
             staged = stage_appends(appends, states, producer_state, now)
             if staged.messages:
-                self._insert_messages(conn, staged.messages)
+                conn.execute(insert(messages), staged.messages)
             if staged.dirty:
                 conn.execute(
                     _UPDATE_STREAM, [_stream_update_params(s) for s in staged.dirty.values()]
@@ -320,20 +320,6 @@ class StreamWriter:
         finally:
             raw.close()
         return staged.result()
-
-    def _insert_messages(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        if self.is_postgres and len(rows) > 1:
-            # One statement with three array parameters instead of one INSERT per row.
-            conn.execute(
-                _INSERT_UNNEST,
-                {
-                    "sids": [r["stream_id"] for r in rows],
-                    "pos": [r["end_pos"] for r in rows],
-                    "data": [r["data"] for r in rows],
-                },
-            )
-        else:
-            conn.execute(insert(messages), rows)
 
     def _load_producers(
         self, conn: Connection, appends: list[AppendOp], states: dict[str, StreamState]
@@ -808,11 +794,6 @@ def _pg_stream_arrays(dirty: dict[int, StreamState]) -> dict[str, list[Any]]:
         "exp": [s.expiry_ms() for s in states],
     }
 
-
-_INSERT_UNNEST = text(
-    "INSERT INTO ds_messages (stream_id, end_pos, data) "
-    "SELECT * FROM unnest(CAST(:sids AS bigint[]), CAST(:pos AS bigint[]), CAST(:data AS bytea[]))"
-)
 
 _UPDATE_STREAM = (
     update(streams)

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -26,10 +26,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ChatMessage, ChatSession, Generation
 from streams_service.config import Settings
+from streams_service.durable.model import AppendRequest
 from streams_service.durable.store import StreamStore
 from streams_service.llm import tools as tool_registry
 from streams_service.llm.models import ModelInfo, Usage, cost_usd, round_usd
 from streams_service.sessions import records
+from streams_service.sessions import repository as repo
 from streams_service.sessions.chunks import ChunkWriter
 
 log = structlog.get_logger(__name__)
@@ -652,7 +654,7 @@ class _Runner:
         )
         try:
             async with self.m.sessionmaker.begin() as db:
-                ordinal = await _next_ordinal(db, spec.session_id)
+                ordinal = await repo.next_ordinal(db, spec.session_id)
                 db.add(
                     ChatMessage(
                         session_id=spec.session_id,
@@ -748,15 +750,6 @@ def _public_part(part: _Part) -> dict[str, Any]:
     return data
 
 
-async def _next_ordinal(db: AsyncSession, session_id: str) -> int:
-    from sqlalchemy import func, select
-
-    current = await db.scalar(
-        select(func.max(ChatMessage.ordinal)).where(ChatMessage.session_id == session_id)
-    )
-    return int(current or 0) + 1
-
-
 async def cancel_quietly(task: asyncio.Task[Any] | None) -> None:
     if task is None:
         return
@@ -771,11 +764,6 @@ async def recover_interrupted(
     """Close generations a crashed process left running: the session accepts messages again,
     the partial answer on the stream is kept as an interrupted message, and readers get a
     terminal RUN_ERROR. Returns how many were closed."""
-    from datetime import timedelta
-
-    from streams_service.durable.model import AppendRequest
-    from streams_service.sessions import repository as repo
-
     now = datetime.now(UTC)
     async with sessionmaker() as db:
         stale = timedelta(seconds=manager.settings.generation_stale_after_s)
@@ -794,7 +782,7 @@ async def recover_interrupted(
                 ChatMessage(
                     session_id=gen.session_id,
                     id=gen.message_id,
-                    ordinal=await _next_ordinal(db, gen.session_id),
+                    ordinal=await repo.next_ordinal(db, gen.session_id),
                     role="assistant",
                     content=text,
                     parts=[{"type": "text", "content": text}] if text else [],

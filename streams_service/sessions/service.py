@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -619,8 +620,6 @@ def build_history(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 
 def records_json(text: str) -> dict[str, Any]:
-    import json
-
     value = json.loads(text)
     if not isinstance(value, dict):
         raise ValueError("tool input is not an object")
@@ -628,8 +627,6 @@ def records_json(text: str) -> dict[str, Any]:
 
 
 def _estimate_tokens(history: list[dict[str, Any]]) -> int:
-    import json
-
     # About four characters a token: an upper-bound-ish estimate for the reservation.
     return max(1, len(json.dumps(history)) // 3)
 
