@@ -320,8 +320,15 @@ class _Runner:
             }
             iterator = stream.__aiter__()
             while True:
+                # Checked on every event as well as by cancelling the task: Python 3.11's
+                # wait_for could lose a cancellation that raced a finishing read, so stop
+                # must not rest on the cancellation alone.
+                if self.h.stop_reason is not None:
+                    raise asyncio.CancelledError()
                 try:
-                    event = await asyncio.wait_for(iterator.__anext__(), timeout=stall)
+                    # asyncio.timeout, not wait_for: it never swallows an outside cancel.
+                    async with asyncio.timeout(stall):
+                        event = await iterator.__anext__()
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
@@ -538,9 +545,8 @@ class _Runner:
         )
         reason = "answered"
         try:
-            approved = await asyncio.wait_for(
-                asyncio.shield(future), timeout=self.settings.approval_timeout_s
-            )
+            async with asyncio.timeout(self.settings.approval_timeout_s):
+                approved = await asyncio.shield(future)
         except TimeoutError:
             approved, reason = False, "timeout"
         finally:
