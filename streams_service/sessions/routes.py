@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from streams_service.access.principal import Caller
 from streams_service.sessions.schemas import (
     Approval,
     CreateSession,
@@ -26,67 +27,64 @@ def _service(request: Request) -> SessionService:
     return service
 
 
-def _user(request: Request) -> str | None:
-    # Identity arrives with the access-control work; until then everyone is the local user.
-    return None
-
-
 def _json(model: type[BaseModel], data: dict[str, Any], status: int = 200) -> Response:
     return JSONResponse(model.model_validate(data).model_dump(mode="json"), status_code=status)
 
 
 @router.post("/sessions", status_code=201, response_model=SessionOut)
-async def create_session(request: Request, body: CreateSession | None = None) -> Response:
-    _created, out = await _service(request).create(None, body or CreateSession(), _user(request))
+async def create_session(
+    request: Request, who: Caller, body: CreateSession | None = None
+) -> Response:
+    _created, out = await _service(request).create(None, body or CreateSession(), who)
     return _json(SessionOut, out, 201)
 
 
 @router.put("/sessions/{session_id}", response_model=SessionOut)
 async def put_session(
-    session_id: str, request: Request, body: CreateSession | None = None
+    session_id: str, request: Request, who: Caller, body: CreateSession | None = None
 ) -> Response:
-    created, out = await _service(request).create(
-        session_id, body or CreateSession(), _user(request)
-    )
+    created, out = await _service(request).create(session_id, body or CreateSession(), who)
     return _json(SessionOut, out, 201 if created else 200)
 
 
 @router.get("/sessions/{session_id}", response_model=SessionOut)
-async def get_session(session_id: str, request: Request) -> Response:
-    return _json(SessionOut, await _service(request).get(session_id, _user(request)))
+async def get_session(session_id: str, request: Request, who: Caller) -> Response:
+    return _json(SessionOut, await _service(request).get(session_id, who))
 
 
 @router.post("/sessions/{session_id}/messages", status_code=202, response_model=SendAccepted)
-async def send_message(session_id: str, body: SendMessage, request: Request) -> SendAccepted:
-    return await _service(request).send(session_id, body, _user(request))
+async def send_message(
+    session_id: str, body: SendMessage, request: Request, who: Caller
+) -> SendAccepted:
+    return await _service(request).send(session_id, body, who)
 
 
 @router.post("/sessions/{session_id}/regenerate", status_code=202, response_model=SendAccepted)
-async def regenerate(session_id: str, request: Request) -> SendAccepted:
-    return await _service(request).regenerate(session_id, _user(request))
+async def regenerate(session_id: str, request: Request, who: Caller) -> SendAccepted:
+    return await _service(request).regenerate(session_id, who)
 
 
 @router.post("/sessions/{session_id}/stop")
-async def stop(session_id: str, request: Request) -> dict[str, Any]:
-    return await _service(request).stop(session_id, _user(request))
+async def stop(session_id: str, request: Request, who: Caller) -> dict[str, Any]:
+    return await _service(request).stop(session_id, who)
 
 
 @router.post("/sessions/{session_id}/approvals/{tool_call_id}")
 async def approve(
-    session_id: str, tool_call_id: str, body: Approval, request: Request
+    session_id: str, tool_call_id: str, body: Approval, request: Request, who: Caller
 ) -> dict[str, Any]:
-    return await _service(request).approve(session_id, tool_call_id, body.approved, _user(request))
+    return await _service(request).approve(session_id, tool_call_id, body.approved, who)
 
 
 @router.post("/sessions/{session_id}/fork", status_code=201, response_model=SessionOut)
-async def fork(session_id: str, body: ForkRequest, request: Request) -> Response:
-    out = await _service(request).fork(session_id, body.at_message_id, _user(request))
+async def fork(session_id: str, body: ForkRequest, request: Request, who: Caller) -> Response:
+    out = await _service(request).fork(session_id, body.at_message_id, who)
     return _json(SessionOut, out, 201)
 
 
 @router.post("/sessions/{session_id}/end", response_model=SessionOut)
-async def end(session_id: str, request: Request) -> Response:
-    return _json(SessionOut, await _service(request).end(session_id, _user(request)))
+async def end(session_id: str, request: Request, who: Caller) -> Response:
+    return _json(SessionOut, await _service(request).end(session_id, who))
 
 
 @router.get("/models")

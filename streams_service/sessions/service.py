@@ -7,7 +7,7 @@ import json
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from sqlalchemy import delete, update
@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ChatMessage, ChatSession, Generation
+from streams_service.access.principal import Principal
 from streams_service.config import Settings
 from streams_service.durable.model import AppendRequest, CreateRequest, Producer
 from streams_service.durable.offsets import format_offset, parse_offset
@@ -32,6 +33,8 @@ from streams_service.sessions import records
 from streams_service.sessions import repository as repo
 from streams_service.sessions.generation import GenerationManager, GenerationSpec
 from streams_service.sessions.schemas import CreateSession, SendAccepted, SendMessage
+
+Access = Literal["read", "manage", "own"]
 
 log = structlog.get_logger(__name__)
 
@@ -85,14 +88,16 @@ class SessionService:
         return model
 
     async def create(
-        self, session_id: str | None, body: CreateSession, user_id: str | None
+        self, session_id: str | None, body: CreateSession, who: Principal
     ) -> tuple[bool, dict[str, Any]]:
+        user_id = who.user_id
         sid = parse_session_id(session_id) if session_id else str(uuid.uuid4())
         model = self.model_or_400(body.model)
         async with self.sessionmaker.begin() as db:
             existing = await repo.get_session(db, sid)
             if existing is not None:
-                if existing.user_id != user_id or existing.deleted_at is not None:
+                # PUT of an id someone else holds must not reveal that it exists.
+                if not who.owns(existing.user_id) or existing.deleted_at is not None:
                     raise NotFound("no such session")
                 return False, self.session_out(existing)
         # The stream first (idempotent), so a session row never exists without its stream.
@@ -120,25 +125,45 @@ class SessionService:
             # A concurrent PUT of the same id won; answer as the idempotent repeat.
             async with self.sessionmaker.begin() as db:
                 again = await repo.get_session(db, sid)
-                if again is None or again.user_id != user_id:
+                if again is None or not who.owns(again.user_id):
                     raise NotFound("no such session") from None
                 return False, self.session_out(again)
         await self._publish_session(row)
         return True, self.session_out(row)
 
-    async def get(self, session_id: str, user_id: str | None) -> dict[str, Any]:
+    async def get(self, session_id: str, who: Principal) -> dict[str, Any]:
         sid = parse_session_id(session_id)
         async with self.sessionmaker() as db:
-            row = await self._visible(db, sid, user_id)
+            row = await self._visible(db, sid, who, "read")
             messages = await repo.messages_of(db, sid)
         out = self.session_out(row)
         out["messages"] = [repo.message_out(m) for m in messages]
         return out
 
-    async def _visible(self, db: AsyncSession, sid: str, user_id: str | None) -> ChatSession:
+    async def _visible(
+        self,
+        db: AsyncSession,
+        sid: str,
+        who: Principal,
+        need: Access,
+        *,
+        deleted: bool = False,
+    ) -> ChatSession:
+        """The session if `who` may `need` it: "read" (owner, ops, admin), "manage" (owner,
+        admin: stop, end, rename, delete) or "own" (the owner alone: send, regenerate, approve).
+
+        Anything else — another user's session, or a deleted one unless `deleted` — is
+        indistinguishable from a missing one (404, never 403).
+        """
         row = await repo.get_session(db, sid)
-        # Another user's session is indistinguishable from a missing one.
-        if row is None or row.user_id != user_id or row.deleted_at is not None:
+        if row is None or (row.deleted_at is not None) != deleted:
+            raise NotFound("no such session")
+        allowed = {
+            "read": who.can_read,
+            "manage": who.can_manage,
+            "own": who.owns,
+        }[need](row.user_id)
+        if not allowed:
             raise NotFound("no such session")
         return row
 
@@ -175,7 +200,8 @@ class SessionService:
 
     # ------------------------------------------------------------------ messages
 
-    async def send(self, session_id: str, body: SendMessage, user_id: str | None) -> SendAccepted:
+    async def send(self, session_id: str, body: SendMessage, who: Principal) -> SendAccepted:
+        user_id = who.user_id
         sid = parse_session_id(session_id)
         content = body.content
         if not content.strip():
@@ -188,7 +214,7 @@ class SessionService:
         assistant_id = f"msg_{uuid.uuid4().hex}"
         generation_id = str(uuid.uuid4())
         async with self.sessionmaker.begin() as db:
-            row = await self._visible(db, sid, user_id)
+            row = await self._visible(db, sid, who, "own")
             if body.client_message_id is not None:
                 earlier = await repo.message_by_client_id(db, sid, body.client_message_id)
                 if earlier is not None:
@@ -234,7 +260,7 @@ class SessionService:
             # (milliseconds) rather than refuse a client that reacted to its end.
             assert retry_after is not None
             await asyncio.wait({asyncio.ensure_future(retry_after.wait())}, timeout=5)
-            return await self.send(session_id, body, user_id)
+            return await self.send(session_id, body, who)
         try:
             offset = await self._append_user_message(sid, message_id, user_id, content, now)
         except BaseException:
@@ -307,13 +333,14 @@ class SessionService:
     async def _history(self, db: AsyncSession, sid: str) -> list[dict[str, Any]]:
         return build_history(await repo.messages_of(db, sid))
 
-    async def regenerate(self, session_id: str, user_id: str | None) -> SendAccepted:
+    async def regenerate(self, session_id: str, who: Principal) -> SendAccepted:
+        user_id = who.user_id
         """Answer the last user message again; the previous answer is marked superseded."""
         sid = parse_session_id(session_id)
         now = datetime.now(UTC)
         generation_id, assistant_id = str(uuid.uuid4()), f"msg_{uuid.uuid4().hex}"
         async with self.sessionmaker.begin() as db:
-            row = await self._visible(db, sid, user_id)
+            row = await self._visible(db, sid, who, "own")
             if row.ended_at is not None:
                 raise Conflict("this session has ended; fork it to continue")
             live = [m for m in await repo.messages_of(db, sid) if m.status != "superseded"]
@@ -470,10 +497,10 @@ class SessionService:
             row.updated_at = now
         await self._publish_session(row)
 
-    async def stop(self, session_id: str, user_id: str | None) -> dict[str, Any]:
+    async def stop(self, session_id: str, who: Principal) -> dict[str, Any]:
         sid = parse_session_id(session_id)
         async with self.sessionmaker() as db:
-            row = await self._visible(db, sid, user_id)
+            row = await self._visible(db, sid, who, "manage")
         handle = await self.generations.stop(sid)
         if handle is None:
             if row.active_generation_id is None:
@@ -483,19 +510,19 @@ class SessionService:
         return {"generation_id": handle.spec.generation_id, "stopped": True}
 
     async def approve(
-        self, session_id: str, tool_call_id: str, approved: bool, user_id: str | None
+        self, session_id: str, tool_call_id: str, approved: bool, who: Principal
     ) -> dict[str, Any]:
         sid = parse_session_id(session_id)
         async with self.sessionmaker() as db:
-            await self._visible(db, sid, user_id)
+            await self._visible(db, sid, who, "own")
         if not self.generations.answer_approval(sid, tool_call_id, approved):
             raise NotFound("no tool call is waiting for approval under that id")
         return {"tool_call_id": tool_call_id, "approved": approved}
 
-    async def end(self, session_id: str, user_id: str | None) -> dict[str, Any]:
+    async def end(self, session_id: str, who: Principal) -> dict[str, Any]:
         sid = parse_session_id(session_id)
         async with self.sessionmaker.begin() as db:
-            row = await self._visible(db, sid, user_id)
+            row = await self._visible(db, sid, who, "manage")
             if row.active_generation_id is not None:
                 raise Conflict("a generation is running; stop it before ending the session")
             if row.ended_at is None:
@@ -505,11 +532,12 @@ class SessionService:
         return self.session_out(row)
 
     async def fork(
-        self, session_id: str, at_message_id: str, user_id: str | None
+        self, session_id: str, at_message_id: str, who: Principal
     ) -> dict[str, Any]:
+        user_id = who.user_id
         sid = parse_session_id(session_id)
         async with self.sessionmaker() as db:
-            row = await self._visible(db, sid, user_id)
+            row = await self._visible(db, sid, who, "read")
             messages = await repo.messages_of(db, sid)
         cut = next((i for i, m in enumerate(messages) if m.id == at_message_id), None)
         if cut is None:
