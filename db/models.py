@@ -198,3 +198,87 @@ class Generation(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class User(Base):
+    """A member of staff. Provisioned on first sight from the console's JWT or by the CLI."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Stored lower-cased: one person, one row, whatever the identity provider's casing.
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(String(16), default="member")
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Daily spending cap in USD; NULL falls back to USER_DAILY_BUDGET_USD.
+    daily_budget_usd: Mapped[Decimal | None] = mapped_column(USD)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ApiToken(Base):
+    """A personal API token. Only its SHA-256 is stored; the token is shown once at creation."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str | None] = mapped_column(Text)
+    # The first characters of the token, shown in lists so people can tell tokens apart.
+    prefix: Mapped[str] = mapped_column(String(32))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditEntry(Base):
+    """Who did what to whom: renames, deletes, restores, purges, role and token changes."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    actor_id: Mapped[str | None] = mapped_column(String(64))
+    actor_email: Mapped[str | None] = mapped_column(String(320))
+    action: Mapped[str] = mapped_column(String(64))
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str | None] = mapped_column(String(64))
+    # Before/after values (titles, roles); never message text or secrets.
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class ErrorEvent(Base):
+    """A failure worth showing ops: generation errors, upstream faults, unhandled exceptions."""
+
+    __tablename__ = "error_events"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # The code the UI explains: rate_limited, overloaded, upstream_cut, internal, ...
+    type: Mapped[str] = mapped_column(String(32))
+    session_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    generation_id: Mapped[str | None] = mapped_column(String(36))
+    user_id: Mapped[str | None] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(64))
+    # Our own explanation or the upstream's error message; never the user's text.
+    message: Mapped[str | None] = mapped_column(Text)
+
+
+class RateLimitEvent(Base):
+    """One request rejected by a rate limit (the dashboard's rejections over time)."""
+
+    __tablename__ = "rate_limit_events"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # session_create, message_send, auth_failure, ...
+    limit_name: Mapped[str] = mapped_column(String(32))
+    # What the window is keyed on: a user id, session id or client address.
+    key: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str | None] = mapped_column(String(64))
+    session_id: Mapped[str | None] = mapped_column(String(36))
