@@ -67,6 +67,20 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
     log_level: str = "INFO"
+    # Identity (DESIGN §4). With a secret every /v1 route needs a bearer token: an API token,
+    # a console JWT signed with it, or the secret itself (the system principal). Without one
+    # the service is in dev mode: loopback only, everyone the local admin.
+    streams_secret: str | None = None
+    # Comma-separated emails that are admins when first seen (the first admins of a deploy).
+    admin_emails: str = ""
+    # Rate limits ("N/second|minute|hour|day", moving window). Redis holds the windows when
+    # REDIS_URL is set, so every replica shares one limit; memory otherwise.
+    redis_url: str | None = None
+    rate_limit_session_create: str = "10/minute"
+    rate_limit_messages: str = "30/minute"
+    rate_limit_auth_failures: str = "20/minute"
+    # Per-user daily spending cap in USD (admins set it per user); 0 disables it.
+    user_daily_budget_usd: float = Field(default=20.0, ge=0)
 
     @field_validator("database_url")
     @classmethod
