@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := conformance/node_modules/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8080
+CONSOLE_PORT ?= 8501
 
 .PHONY: install run serve test lint typecheck bench clean node
 
@@ -23,13 +24,14 @@ $(NODE_STAMP): conformance/package.json conformance/package-lock.json
 	cd conformance && npm ci --no-audit --no-fund --loglevel=error
 	@touch $(NODE_STAMP)
 
-# Starts the service on the embedded SQLite default under ./.data/.
+# Starts the service on the embedded SQLite default under ./.data/, and the console beside it.
 run: install
 	@mkdir -p .data
-	DATABASE_URL=$${DATABASE_URL:-sqlite:///$(CURDIR)/.data/chatops.db} $(BIN)/chatops serve --host $(HOST) --port $(PORT)
+	DATABASE_URL=$${DATABASE_URL:-sqlite:///$(CURDIR)/.data/chatops.db} BIN=$(BIN) HOST=$(HOST) PORT=$(PORT) CONSOLE_PORT=$(CONSOLE_PORT) bash scripts/run.sh
 
 test: install node
 	bash scripts/ensure-services.sh
+	bash scripts/ensure-chromium.sh
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest

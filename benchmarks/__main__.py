@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import resource
 import shlex
 import shutil
@@ -20,11 +21,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import loadgen, report, servers, sessions
+from benchmarks import history, loadgen, report, servers, sessions
 from benchmarks.scenarios import RUNNERS, SCENARIOS, Config
 
 # Protocol scenarios run against both servers; the chat-session ones against ours only.
-ALL_SCENARIOS = SCENARIOS + sessions.SCENARIOS
+OURS_ONLY = sessions.SCENARIOS + history.SCENARIOS
+OURS_ONLY_RUNNERS = {**sessions.RUNNERS, **history.RUNNERS}
+ALL_SCENARIOS = SCENARIOS + OURS_ONLY
 
 
 def _csv(allowed: tuple[str, ...]) -> Any:
@@ -53,7 +56,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         "--scenario",
         type=_csv(ALL_SCENARIOS),
         default=list(ALL_SCENARIOS),
-        help=f"comma-separated scenarios (default all; {','.join(sessions.SCENARIOS)} run for "
+        help=f"comma-separated scenarios (default all; {','.join(OURS_ONLY)} run for "
         f"ours only): {','.join(ALL_SCENARIOS)}",
     )
     parser.add_argument(
@@ -96,6 +99,13 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         help="append load generator; auto installs wrk if missing and can",
     )
     parser.add_argument(
+        "--history-scale",
+        type=float,
+        default=float(os.environ.get(history.SCALE_ENV, "1")),
+        help="size of the history scenario's data, as a fraction of 100,000 sessions / "
+        f"1,000,000 messages / 1,000 users (default 1, or ${history.SCALE_ENV}; 0.01 is quick)",
+    )
+    parser.add_argument(
         "--quiet-wait",
         type=float,
         default=30.0,
@@ -111,6 +121,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--connections must be 1..1000 and --streams 1..10000")
     if not 0 < args.duration <= 120 or not 0 <= args.warmup <= 30:
         parser.error("--duration must be in (0, 120] and --warmup in [0, 30]")
+    if not 0 < args.history_scale <= 1:
+        parser.error("--history-scale must be in (0, 1]")
     if not 0 <= args.quiet_wait <= 600:
         parser.error("--quiet-wait must be in [0, 600]")
     if not 1 <= args.sse_readers <= 5000 or not 1 <= args.catchup_mb <= 1024:
@@ -188,11 +200,26 @@ def _summary_line(scenario: str, res: dict[str, Any]) -> str:
             f"RSS peak {res['rss_peak_mb']} MB, {res['errors']} errors"
             + (f" (stopped early: {res['stopped_early']})" if res["stopped_early"] else "")
         )
+    if scenario == "history":
+        return (
+            f"list p95 {res['list_user_ms'].get('p95')} ms (one user) / "
+            f"{res['list_all_ms'].get('p95')} ms (all), search p95 (specific terms) "
+            f"{res['search_user_specific_ms'].get('p95')} / "
+            f"{res['search_all_specific_ms'].get('p95')} ms, (frequent words) "
+            f"{res['search_user_common_ms'].get('p95')} / "
+            f"{res['search_all_common_ms'].get('p95')} ms, usage "
+            + (
+                f"p95 {res['usage_ms'].get('p95')} ms"
+                if "p95" in res["usage_ms"]
+                else str(res["usage_ms"].get("skipped"))
+            )
+        )
     return "done"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ[history.SCALE_ENV] = str(args.history_scale)
     _raise_nofile(args.sse_readers * 2 + 256)
     wrk, wrk_note = _resolve_wrk(args.loadgen)
     print(f"load generator: {wrk or 'python fallback'} ({wrk_note})", flush=True)
@@ -230,14 +257,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] not available: {reason}", flush=True)
                 continue
             for scenario in args.scenario:
-                if scenario in sessions.SCENARIOS and name != "ours":
+                if scenario in OURS_ONLY and name != "ours":
                     continue  # chat-session scenarios exercise our session API only
                 background = _wait_for_quiet(args.quiet_wait)
                 t0 = time.monotonic()
                 print(f"[{name}] {scenario} ... (background load {background} cores)", flush=True)
                 try:
-                    if scenario in sessions.SCENARIOS:  # these start their own servers
-                        res = sessions.RUNNERS[scenario](workdir, cfg)
+                    if scenario in OURS_ONLY:  # these start their own servers
+                        res = OURS_ONLY_RUNNERS[scenario](workdir, cfg)
                     else:
                         with servers.running(name, workdir) as server:
                             try:

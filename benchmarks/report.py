@@ -176,6 +176,28 @@ METRICS = [
         "scale", "token delivery lag p99 (largest step)", _dig("lag_ms", "p99"), "ms", False, 250
     ),
     Metric("scale", "RSS peak while generating", _dig("rss_peak_mb"), "MB", False, 400),
+    Metric("history", "list page p95 (one user)", _dig("list_user_ms", "p95"), "ms", False, 20),
+    Metric("history", "list page p95 (everyone)", _dig("list_all_ms", "p95"), "ms", False, 20),
+    Metric("history", "list page p95 (deeper pages)", _dig("list_deep_ms", "p95"), "ms", False, 20),
+    *(
+        Metric(
+            "history",
+            f"search p95, {label} ({scope_label})",
+            _dig(f"search_{scope}_{kind}_ms", "p95"),
+            "ms",
+            False,
+            100,
+        )
+        for kind, label in (
+            ("specific", "specific terms"),
+            ("work", "work words"),
+            ("common", "20 most frequent words"),
+        )
+        for scope, scope_label in (("user", "one user"), ("all", "everyone"))
+    ),
+    Metric(
+        "history", "90-day usage by day and model p95", _dig("usage_ms", "p95"), "ms", False, 300
+    ),
 ]
 
 
@@ -281,6 +303,14 @@ def _check_text(scenario: str, res: dict[str, Any] | None) -> str:
         )
         return f"{'pass' if res['ok'] else '**FAIL**'}: {steps}" + (
             f"; stopped early: {res['stopped_early']}" if res.get("stopped_early") else ""
+        )
+    if scenario == "history":
+        seed = res["seed"]
+        usage = f"; usage not measured: {res['usage_skipped']}" if res.get("usage_skipped") else ""
+        return (
+            f"{'pass' if res['ok'] else '**FAIL**'}: seeded {seed['sessions']:,} sessions, "
+            f"{seed['messages']:,} messages, {seed['users']:,} users (scale {res['scale']:g}) "
+            f"in {seed['seconds']} s, {seed['database_mb']:,.0f} MB{usage}"
         )
     return "—"
 

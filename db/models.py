@@ -165,16 +165,42 @@ class ChatMessage(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+# The columns GET /v1/usage sums, carried in its index so it never reads the table.
+USAGE_SUMMED = [
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "cost_usd",
+    "error_code",
+]
+
+
 class Generation(Base):
     """One assistant turn (possibly several upstream calls in a tool loop): usage and cost.
 
     Never deleted with its session: usage and cost rows outlive the chat."""
 
     __tablename__ = "generations"
+    __table_args__ = (
+        # A member's usage: one user's rows over a time range.
+        Index("ix_generations_user_started", "user_id", "started_at"),
+        # Usage over a time range, read from the index alone: model and TTFT in the key (also
+        # on SQLite), the summed columns carried along on Postgres. Migration 0005 also adds
+        # planner statistics for the time buckets.
+        Index(
+            "ix_generations_started_model_ttft",
+            "started_at",
+            "model",
+            "ttft_ms",
+            postgresql_include=USAGE_SUMMED,
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     session_id: Mapped[str] = mapped_column(String(36), index=True)
-    user_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    user_id: Mapped[str | None] = mapped_column(String(64))
     user_message_id: Mapped[str | None] = mapped_column(String(64))
     message_id: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(64))
@@ -195,7 +221,7 @@ class Generation(Base):
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     ratelimit: Mapped[dict[str, str] | None] = mapped_column(JSON)
     owner: Mapped[str | None] = mapped_column(String(64))
-    started_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,23 +21,39 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from db.engine import create_engine
+from streams_service.access.auth import Authenticator, AuthMiddleware
+from streams_service.access.limits import RateLimiter
+from streams_service.access.principal import Principal
+from streams_service.access.routes import router as access_router
+from streams_service.access.service import AccessService
 from streams_service.config import Settings
+from streams_service.drain import RETRY_AFTER_S, Drain, chain_shutdown_signals
 from streams_service.durable.live import LiveHub, PostgresListener
 from streams_service.durable.routes import PREFIX, StreamRoutes
 from streams_service.durable.store import StreamStore
 from streams_service.errors import (
     AppError,
     app_error_handler,
+    document_errors,
     http_exception_handler,
     validation_error_handler,
 )
 from streams_service.llm.models import load_catalog
 from streams_service.llm.simulator import SimulatorConfig, run_simulator
-from streams_service.middleware import SecurityHeadersMiddleware
+from streams_service.middleware import RequestContextMiddleware, SecurityHeadersMiddleware
+from streams_service.observability.metrics import Metrics
+from streams_service.observability.metrics import router as metrics_router
+from streams_service.observability.telemetry import Telemetry, running_telemetry
+from streams_service.ops.routes import router as ops_router
 from streams_service.sessions import repository as session_repo
+from streams_service.sessions.control import CHANNEL as CONTROL_CHANNEL
+from streams_service.sessions.control import ControlBus
 from streams_service.sessions.generation import GenerationManager, recover_interrupted
+from streams_service.sessions.history_routes import router as history_router
+from streams_service.sessions.retention import sweep_forever as retention_sweep_forever
 from streams_service.sessions.routes import router as sessions_router
 from streams_service.sessions.service import SessionService
+from streams_service.sessions.upkeep import run_upkeep
 
 log = structlog.get_logger(__name__)
 
@@ -86,9 +103,15 @@ class Services:
     store: StreamStore
     sessions: SessionService
     generations: GenerationManager
+    limiter: RateLimiter
+    auth: Authenticator
+    access: AccessService
+    drain: Drain
 
 
-async def _start_services(settings: Settings, stack: contextlib.AsyncExitStack) -> Services:
+async def _start_services(
+    settings: Settings, stack: contextlib.AsyncExitStack, telemetry: Telemetry
+) -> Services:
     """Start everything in dependency order; the exit stack stops it in reverse."""
     read_engine = create_engine(
         settings.database_url,
@@ -111,8 +134,14 @@ async def _start_services(settings: Settings, stack: contextlib.AsyncExitStack) 
     await store.start()
     stack.push_async_callback(store.stop)
     stack.callback(hub.notify_all)  # live readers re-check and end before the store stops
-    if not settings.is_sqlite:
-        listener = PostgresListener(settings.database_url, hub)
+    # Stops and approvals for a generation running on another replica travel through
+    # Postgres too; SQLite has a single process, so there is nowhere to forward them.
+    control = None if settings.is_sqlite else ControlBus(sessionmaker)
+    if control is not None:
+        stack.push_async_callback(control.close)
+        listener = PostgresListener(
+            settings.database_url, hub, {CONTROL_CHANNEL: control.on_payload}
+        )
         await listener.start()
         stack.push_async_callback(listener.stop)
     stack.push_async_callback(_cancel, asyncio.create_task(_sweep_forever(store, settings)))
@@ -140,17 +169,43 @@ async def _start_services(settings: Settings, stack: contextlib.AsyncExitStack) 
             return await session_repo.search_messages(db, user_id, query, limit)
 
     generations = GenerationManager(
-        settings, store, sessionmaker, client, search_history, catalog.title_model, hub.instance
+        settings,
+        store,
+        sessionmaker,
+        client,
+        search_history,
+        catalog.title_model,
+        hub.instance,
+        telemetry=telemetry,
     )
     try:
         await recover_interrupted(sessionmaker, store, generations)
     except Exception as exc:
         # A database that is down at boot must not stop the process: readiness reports it.
         log.warning("recovery_skipped", error=type(exc).__name__)
-    stack.push_async_callback(generations.shutdown, settings.drain_timeout_s)
-    sessions = SessionService(settings, store, sessionmaker, generations, catalog)
+    if control is not None:
+        control.generations = generations
+    # A signal begins the drain (see create_app); the exit waits for it, or begins it now.
+    # Pushed after the listener: forwarded stops and approvals still arrive while it runs.
+    drain = Drain(hub, generations, settings.drain_timeout_s)
+    stack.push_async_callback(drain.finish)
+    limiter = RateLimiter(settings, sessionmaker, on_reject=telemetry.metrics.observe_rate_limited)
+    auth = Authenticator(settings, sessionmaker, limiter)
+    sessions = SessionService(
+        settings, store, sessionmaker, generations, catalog, limiter, telemetry=telemetry
+    )
     generations.on_first_exchange = sessions.generate_title
-    return Services(settings, read_engine, hub, store, sessions, generations)
+    sessions.control = control
+    stack.push_async_callback(_cancel, asyncio.create_task(run_upkeep(sessions)))
+    stack.push_async_callback(
+        _cancel, asyncio.create_task(retention_sweep_forever(sessions, settings))
+    )
+    access = AccessService(settings, sessionmaker, auth)
+    pools = {"read": read_engine, "app": app_engine}
+    telemetry.metrics.watch(generations=generations, hub=hub, store=store, pools=pools)
+    return Services(
+        settings, read_engine, hub, store, sessions, generations, limiter, auth, access, drain
+    )
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -159,13 +214,28 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, handle_signals: bool = False) -> FastAPI:
+    """`handle_signals` (set by `chatops serve`): SIGTERM and SIGINT begin the drain at once,
+    before uvicorn's own handler runs (streams_service/drain.py says why)."""
     stream_routes: list[StreamRoutes] = []
+    started: list[Services] = []
+
+    def authenticator() -> Authenticator | None:
+        # None in dev mode: no credential to check, and the hot path stays as it was.
+        auth = started[0].auth if started else None
+        return auth if auth is not None and auth.enabled else None
+
+    async def stream_access(who: Principal, scope: Scope) -> None:
+        await started[0].auth.authorize_stream(who, scope["method"], scope["path"][len(PREFIX) :])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            services = await _start_services(settings, stack)
+            # First in, last out: logs, Sentry and PostHog outlive the services' shutdown.
+            telemetry = await stack.enter_async_context(running_telemetry(settings, metrics))
+            services = await _start_services(settings, stack, telemetry)
+            if handle_signals:
+                stack.callback(chain_shutdown_signals(services.drain.begin))
             stream_routes.append(
                 StreamRoutes(
                     services.store,
@@ -174,16 +244,22 @@ def create_app(settings: Settings) -> FastAPI:
                     sse_max_duration_s=settings.streams_sse_max_duration_s,
                     max_append_bytes=settings.streams_max_append_bytes,
                     max_read_bytes=settings.streams_max_read_bytes,
+                    draining=lambda: services.drain.draining,
                 )
             )
             app.state.services = services
+            started.append(services)
             yield
 
+    metrics = Metrics()  # per app: tests build many apps in one process
     app = ChatopsAPI(title="chatops streams service", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = metrics
 
-    async def streams_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    async def stream_protocol(scope: Scope, receive: Receive, send: Send) -> None:
         await stream_routes[0].asgi(scope, receive, send)
+
+    streams_asgi = AuthMiddleware(stream_protocol, authenticator, stream_access)
 
     # The stream protocol is the hot path: it gets its own, shorter middleware chain, and its
     # replies carry the security headers themselves. CORS only matters to browsers, which always
@@ -197,7 +273,8 @@ def create_app(settings: Settings) -> FastAPI:
                 return
         await streams_asgi(scope, receive, send)
 
-    app.streams_app = streams_app
+    # Request ids on the hot path too; its access lines only at DEBUG.
+    app.streams_app = RequestContextMiddleware(streams_app, access_level=logging.DEBUG)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -206,6 +283,13 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/health/ready")
     async def ready(request: Request) -> JSONResponse:
         services: Services = request.app.state.services
+        if services.drain.draining:
+            # Load balancers stop routing here; requests already here finish.
+            return JSONResponse(
+                {"status": "draining", "detail": "this replica is shutting down"},
+                status_code=503,
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         try:
             async with services.read_engine.connect() as conn:
                 await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=2)
@@ -216,10 +300,22 @@ def create_app(settings: Settings) -> FastAPI:
             )
         return JSONResponse({"status": "ready"})
 
+    app.include_router(history_router)  # first: /v1/sessions/import is not a session id
     app.include_router(sessions_router)
+    app.include_router(access_router)
+    app.include_router(ops_router)
+    app.include_router(metrics_router)
     app.add_exception_handler(AppError, app_error_handler)
     app.add_exception_handler(HTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    # Added first, so it runs inside CORS: preflights pass, and a 401 still carries CORS headers.
+    app.add_middleware(AuthMiddleware, authenticator=authenticator)
     app.add_middleware(CORSMiddleware, **_cors_options(settings))
     app.add_middleware(SecurityHeadersMiddleware)
     return app
@@ -240,6 +336,10 @@ class ChatopsAPI(FastAPI):
             await self.streams_app(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        # Outside Starlette's ServerErrorMiddleware, so even a 500 carries its request id.
+        return RequestContextMiddleware(super().build_middleware_stack(), tag_errors=True)
 
 
 def _cors_options(settings: Settings) -> dict[str, Any]:
@@ -265,4 +365,4 @@ async def _sweep_forever(store: StreamStore, settings: Settings) -> None:
 
 def app_from_env() -> FastAPI:
     """Factory for `chatops serve --workers N`: each worker process builds its own app."""
-    return create_app(Settings())
+    return create_app(Settings(), handle_signals=True)

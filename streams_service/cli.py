@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import math
 import sys
 from typing import Any
 
@@ -17,8 +19,16 @@ def _serve(args: argparse.Namespace) -> int:
     from db.migrate import upgrade
     from streams_service.app import create_app
     from streams_service.config import Settings
+    from streams_service.observability.logging import configure_logging
 
     settings = Settings()
+    if not settings.streams_secret and not _is_loopback(args.host):
+        print(
+            f"chatops: refusing to serve on {args.host} without STREAMS_SECRET: dev mode makes "
+            "every caller an admin, so it only binds to loopback (127.0.0.1, ::1, localhost)",
+            file=sys.stderr,
+        )
+        return 2
     if settings.is_sqlite:
         # The embedded default migrates itself; Postgres is migrated by `chatops db upgrade`
         # (the release command of a deploy), never by a serving replica.
@@ -31,10 +41,18 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     # One process serves everything; more worker processes share the port and meet in Postgres.
-    target: Any = create_app(settings) if workers == 1 else "streams_service.app:app_from_env"
+    target: Any = (
+        create_app(settings, handle_signals=True)
+        if workers == 1
+        else "streams_service.app:app_from_env"
+    )
+    # uvicorn's own lines go through the service's log pipeline from the first one (the
+    # lifespan configures it again, identically); log_config=None keeps uvicorn's handlers out.
+    configure_logging(settings)
     uvicorn.run(
         target,
         factory=workers > 1,
+        log_config=None,
         workers=workers if workers > 1 else None,
         host=args.host,
         port=args.port,
@@ -42,11 +60,23 @@ def _serve(args: argparse.Namespace) -> int:
         http="httptools",
         log_level=settings.log_level.lower(),
         access_log=False,
-        timeout_graceful_shutdown=5,
+        # Open requests get longer than the drain, which starts with the signal and runs
+        # beside this wait: nothing in flight is cut while generations may still finish.
+        # Live readers do not hold it up; the drain ends them at once.
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + 5,
         proxy_headers=False,
         server_header=False,
     )
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
@@ -105,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = db_sub.add_parser("upgrade", help="apply migrations to DATABASE_URL")
     up.add_argument("revision", nargs="?", default="head")
     up.set_defaults(func=_db_upgrade)
+
+    from streams_service.access.cli import add_commands
+    from streams_service.client.commands import add_commands as add_client_commands
+
+    add_commands(sub)
+    add_client_commands(sub)
     return parser
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, field_validator
+from limits import parse as parse_limit
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from db.engine import normalize_database_url
@@ -31,6 +32,13 @@ class Settings(BaseSettings):
     streams_max_read_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # How often the sweeper removes expired streams.
     streams_sweep_interval_s: float = Field(default=30.0, gt=0)
+    # Retention (DESIGN §2): the streams of ended and deleted sessions are removed this many
+    # days after the end or delete (the materialized messages stay); 0 keeps them forever.
+    stream_retention_days: int = Field(default=30, ge=0)
+    # Sessions in the trash longer than this are purged for good (usage rows stay); 0: never.
+    trash_retention_days: int = Field(default=30, ge=0)
+    # How often the retention sweeper runs; retention is counted in days, so hourly is plenty.
+    retention_sweep_interval_s: float = Field(default=3600.0, gt=0)
     # Comma-separated origins allowed by CORS; "*" allows any (dev default).
     cors_origins: str = "*"
     # Claude. With no key the service runs its built-in simulator (model shown as "simulated").
@@ -58,15 +66,30 @@ class Settings(BaseSettings):
     stream_flush_chars: int = Field(default=300, ge=1)
     # On shutdown, running generations get this long to finish; the rest end as interrupted.
     drain_timeout_s: float = Field(default=25.0, ge=0)
+    # Sessions untouched for this many seconds end by themselves, as POST /end ends them
+    # (stream closed, read-only, continue by fork), so abandoned chats do not stay open
+    # forever; one replica ends each. 0 disables it.
+    session_idle_timeout: float = Field(default=86400.0, ge=0)
     # Pace of the built-in simulator when no API key is set.
     simulator_ttft_ms: int = Field(default=300, ge=0)
     simulator_tokens_per_s: float = Field(default=80.0, ge=0)  # 0: unpaced
     # Worker processes of `chatops serve` (Postgres only): each runs its own writer and live
-    # readers; Postgres row locks and LISTEN/NOTIFY keep them consistent.
+    # readers; Postgres row locks and LISTEN/NOTIFY keep them consistent, and stops and
+    # approvals reach the worker running the generation through NOTIFY too.
     workers: int = Field(default=1, ge=1, le=32)
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
     log_level: str = "INFO"
+    # Log lines as JSON (for log collectors) or console (for people); auto: JSON when
+    # ENV=production, console otherwise.
+    log_format: Literal["auto", "json", "console"] = "auto"
+    # Error reporting: unhandled errors and failed generations go to this Sentry DSN (unset:
+    # they are only logged). Traces are sampled at this rate; errors are always sent.
+    sentry_dsn_streams: str | None = None
+    sentry_traces_sample_rate: float = Field(default=0.1, ge=0, le=1)
+    # Product analytics: chat_* events go to PostHog when a project key is set.
+    posthog_api_key: str | None = None
+    posthog_host: str = "https://us.i.posthog.com"
     # Identity (DESIGN §4). With a secret every /v1 route needs a bearer token: an API token,
     # a console JWT signed with it, or the secret itself (the system principal). Without one
     # the service is in dev mode: loopback only, everyone the local admin.
@@ -81,6 +104,26 @@ class Settings(BaseSettings):
     rate_limit_auth_failures: str = "20/minute"
     # Per-user daily spending cap in USD (admins set it per user); 0 disables it.
     user_daily_budget_usd: float = Field(default=20.0, ge=0)
+    # How long a verified token is trusted without asking the database again: revoking or
+    # disabling reaches other replicas within this many seconds (this process: at once).
+    auth_cache_s: float = Field(default=10.0, ge=0, le=300)
+
+    @field_validator(
+        "rate_limit_session_create", "rate_limit_messages", "rate_limit_auth_failures"
+    )
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        try:
+            parse_limit(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a rate limit like '10/minute'") from None
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_a_secret(self) -> Settings:
+        if self.env == "production" and not self.streams_secret:
+            raise ValueError("ENV=production requires STREAMS_SECRET (authentication)")
+        return self
 
     @field_validator("database_url")
     @classmethod

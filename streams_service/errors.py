@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from http import HTTPStatus
+from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -41,6 +42,22 @@ class MethodNotAllowed(AppError):
 class Conflict(AppError):
     status = 409
     code = "conflict"
+
+
+class Unauthorized(AppError):
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, detail: str) -> None:
+        # RFC 6750: tell the client which scheme to use and why this credential failed.
+        super().__init__(
+            detail, headers={"WWW-Authenticate": 'Bearer realm="chatops", error="invalid_token"'}
+        )
+
+
+class TooManyRequests(AppError):
+    status = 429
+    code = "rate_limited"
 
 
 class Forbidden(AppError):
@@ -95,3 +112,23 @@ async def validation_error_handler(_request: Request, exc: Exception) -> Respons
         for err in exc.errors()
     )
     return JSONResponse({"error": "validation_error", "detail": problems}, status_code=422)
+
+
+# The one error body of every 4xx/5xx, as OpenAPI documents it.
+ERROR_SCHEMA: dict[str, object] = {
+    "title": "Error",
+    "type": "object",
+    "properties": {
+        "error": {"type": "string", "description": "stable machine-readable code"},
+        "detail": {"type": "string", "description": "what went wrong, for people"},
+    },
+    "required": ["error", "detail"],
+}
+
+
+def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI documents its own 422 body; ours is `{error, detail}` (validation_error_handler)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["HTTPValidationError"] = ERROR_SCHEMA
+    components.pop("ValidationError", None)
+    return schema

@@ -11,10 +11,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from psycopg import sql
@@ -24,6 +26,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Maintenance database used to create and drop per-test databases.
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 STARTUP_TIMEOUT_S = 30.0
+# Suites that create many sessions quickly are not about rate limits; the tests that are set
+# their own limits.
+GENEROUS_LIMITS = {
+    "RATE_LIMIT_SESSION_CREATE": "100000/minute",
+    "RATE_LIMIT_MESSAGES": "100000/minute",
+}
 
 
 def chatops_bin() -> Path:
@@ -123,7 +131,7 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.stdout_path = log_dir / f"{name}.stdout.log"
         self.stderr_path = log_dir / f"{name}.stderr.log"
-        self.env = {**os.environ, "DATABASE_URL": database_url, **env}
+        self.env = {**os.environ, **GENEROUS_LIMITS, "DATABASE_URL": database_url, **env}
         self.name = name
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -183,3 +191,29 @@ class ServerProcess:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    kind: str
+    data: str
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[SseEvent]:
+    """A text/event-stream body as events (WHATWG SSE framing)."""
+    kind = ""
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if line == "":
+            if data or kind:
+                yield SseEvent(kind or "message", "\n".join(data))
+            kind, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            kind = value
+        elif name == "data":
+            data.append(value)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import secrets
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import psycopg
@@ -123,6 +123,12 @@ class LiveHub:
     def waiting_streams(self) -> int:
         return len(self._channels)
 
+    @property
+    def live_readers(self) -> int:
+        """Long-poll and SSE readers waiting in this process (summed when metrics are scraped,
+        so readers cost nothing extra)."""
+        return sum(channel.readers for channel in self._channels.values())
+
     def payloads(self, stream_ids: Iterable[int]) -> list[str]:
         """NOTIFY payloads `<instance>:<id>,<id>...`, split to respect the size cap."""
         out: list[str] = []
@@ -151,10 +157,21 @@ class PostgresListener:
     """LISTENs on its own connection; reconnects with backoff. After a reconnect it wakes every
     waiter once, since notifications sent while it was away are lost."""
 
-    def __init__(self, database_url: str, hub: LiveHub) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        hub: LiveHub,
+        channels: Mapping[str, Callable[[str], None]] | None = None,
+    ) -> None:
+        """`channels`: more channels to LISTEN to on the same connection, each with the
+        callback its payloads go to (e.g. the sessions' cross-replica control messages)."""
         url = make_url(database_url).set(drivername="postgresql")
         self._dsn = url.render_as_string(hide_password=False)
         self._hub = hub
+        self._channels: dict[str, Callable[[str], None]] = {
+            CHANNEL: hub.on_payload,
+            **(channels or {}),
+        }
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self._attempted = asyncio.Event()
@@ -180,7 +197,8 @@ class PostgresListener:
                 async with await psycopg.AsyncConnection.connect(
                     self._dsn, autocommit=True
                 ) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                    for channel in self._channels:
+                        await conn.execute(f"LISTEN {channel}")
                     self.ready.set()
                     self._attempted.set()
                     if not first:
@@ -188,7 +206,7 @@ class PostgresListener:
                     first = False
                     backoff = 0.2
                     async for note in conn.notifies():
-                        self._hub.on_payload(note.payload)
+                        self._dispatch(note.channel, note.payload)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -197,3 +215,13 @@ class PostgresListener:
                 log.warning("listener_disconnected", error=type(exc).__name__, retry_in_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        callback = self._channels.get(channel)
+        if callback is None:
+            return
+        try:
+            callback(payload)
+        except Exception as exc:
+            # One bad message must not drop the connection every wake-up depends on.
+            log.warning("listener_callback_failed", channel=channel, error=type(exc).__name__)

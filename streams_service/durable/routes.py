@@ -12,7 +12,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -77,9 +77,13 @@ class StreamRoutes:
         sse_max_duration_s: float,
         max_append_bytes: int,
         max_read_bytes: int,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.hub = hub
+        # True once the process drains for shutdown (streams_service/drain.py): live reads then
+        # end at a chunk boundary instead of waiting, and clients resume on another replica.
+        self.draining = draining
         self.long_poll_timeout_s = long_poll_timeout_s
         self.sse_max_duration_s = sse_max_duration_s
         self.max_append_bytes = max_append_bytes
@@ -284,7 +288,7 @@ class StreamRoutes:
                             CLOSED: "true",
                         },
                     )
-                if not await follow.wait(deadline - time.monotonic()):
+                if self.draining() or not await follow.wait(deadline - time.monotonic()):
                     out = {
                         NEXT_OFFSET: format_offset(from_pos),
                         UP_TO_DATE: "true",
@@ -371,7 +375,7 @@ class StreamRoutes:
                         if state.closed:
                             return
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    if remaining <= 0 or self.draining():
                         return  # clients reconnect from the last streamNextOffset
                     # An idle wait ends with a keep-alive control event.
                     announce = not await follow.wait(min(remaining, self.long_poll_timeout_s))

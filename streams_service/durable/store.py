@@ -68,6 +68,16 @@ class StreamStore:
         self.writer.submit(writer.AppendOp(path, request, future))
         return await future
 
+    async def append_many(self, path: str, requests: list[AppendRequest]) -> list[AppendOutcome]:
+        """Several appends to one stream, in order, queued together so they share commits
+        (each still has its own offset). Each is answered on its own: one may fail alone."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[AppendOutcome]] = []
+        for request in requests:
+            futures.append(loop.create_future())
+            self.writer.submit(writer.AppendOp(path, request, futures[-1]))
+        return list(await asyncio.gather(*futures))
+
     async def create(self, path: str, request: CreateRequest) -> CreateOutcome:
         return await self._control(lambda conn, now: writer.create_stream(conn, path, request, now))
 

@@ -30,6 +30,8 @@ from streams_service.durable.model import AppendRequest
 from streams_service.durable.store import StreamStore
 from streams_service.llm import tools as tool_registry
 from streams_service.llm.models import ModelInfo, Usage, cost_usd, round_usd
+from streams_service.observability.telemetry import Telemetry
+from streams_service.ops.error_events import generation_error
 from streams_service.sessions import records
 from streams_service.sessions import repository as repo
 from streams_service.sessions.chunks import ChunkWriter
@@ -133,6 +135,8 @@ class GenerationManager:
         search_history: Callable[[str | None, str, int], Awaitable[list[dict[str, Any]]]],
         title_model: ModelInfo | None,
         instance: str,
+        *,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -141,13 +145,20 @@ class GenerationManager:
         self.search_history = search_history
         self.title_model = title_model
         self.instance = instance
+        # Metrics, analytics and error reports (streams_service/observability/).
+        self.telemetry = telemetry or Telemetry()
         self.running: dict[str, Handle] = {}
         # Called after a session's first exchange completes (titles); set by the session layer.
         self.on_first_exchange: Callable[[str, str], Coroutine[Any, Any, None]] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        # Set once a drain has run out of time: a generation a racing send starts after that
+        # ends at once as interrupted (it is saved and closed like the others).
+        self.interrupting = False
 
     def start(self, spec: GenerationSpec) -> Handle:
         handle = Handle(spec)
+        if self.interrupting:
+            handle.stop_reason = "interrupted"
         self.running[spec.session_id] = handle
         handle.task = asyncio.create_task(
             self._run(handle), name=f"generation-{spec.generation_id}"
@@ -184,18 +195,25 @@ class GenerationManager:
         """Let running generations finish within `timeout_s`; end the rest as interrupted."""
         for task in list(self._background):
             task.cancel()
-        handles = list(self.running.values())
-        if not handles:
-            return
-        waits = [asyncio.create_task(h.done.wait()) for h in handles]
-        _, pending = await asyncio.wait(waits, timeout=timeout_s)
-        for w in pending:
-            w.cancel()
+        # Re-read `running` on every round, never a snapshot: a send accepted just before the
+        # drain began may start its generation a moment later, and it must be waited for too.
+        await self._wait_running(timeout_s)
+        self.interrupting = True
         for handle in list(self.running.values()):
             await self.stop(handle.spec.session_id, reason="interrupted")
-        tasks = [h.task for h in handles if h.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=10)
+        # Interrupted runs write their terminal event and save the partial answer: quick.
+        await self._wait_running(10)
+
+    async def _wait_running(self, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.running and loop.time() < deadline:
+            waits = {asyncio.ensure_future(h.done.wait()) for h in self.running.values()}
+            _, pending = await asyncio.wait(
+                waits, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
+            for w in pending:
+                w.cancel()
 
     async def _run(self, handle: Handle) -> None:
         try:
@@ -498,6 +516,8 @@ class _Runner:
                 result = tool_registry.ToolResult(
                     f"tool failed: {type(exc).__name__}", is_error=True
                 )
+        if tool is not None:
+            self.m.telemetry.tool_executed(self.spec.session_id, self.spec.user_id, name, approved)
         content = tool_registry.sanitize_tool_output(result.content)
         if part is not None:
             part.data["output"] = content
@@ -513,7 +533,13 @@ class _Runner:
             )
         )
         await self.writer.emit(
-            records.event("TOOL_CALL_END", toolCallId=tool_call_id, toolName=name, result=content)
+            records.event(
+                "TOOL_CALL_END",
+                toolCallId=tool_call_id,
+                toolName=name,
+                result=content,
+                isError=result.is_error,
+            )
         )
         return {
             "type": "tool_result",
@@ -630,6 +656,21 @@ class _Runner:
             log.error(
                 "terminal_event_failed", generation_id=spec.generation_id, error=type(exc).__name__
             )
+        # Before the session turns idle, so whoever sees it idle sees the metrics moved too.
+        self.m.telemetry.generation_finished(
+            session_id=spec.session_id,
+            generation_id=spec.generation_id,
+            user_id=spec.user_id,
+            model=spec.model.id,
+            status=status,
+            error_code=code,
+            error=error,
+            ttft_ms=self.ttft_ms,
+            duration_s=time.monotonic() - self.started,
+            usage=usage,
+            cost=self.cost,
+            answer_length=sum(len(p.data["content"]) for p in self.parts if p.kind == "text"),
+        )
         persisted = await self._persist(
             status, finish if error is None else None, code, message, usage, self.writer.last_offset
         )
@@ -660,6 +701,18 @@ class _Runner:
         )
         try:
             async with self.m.sessionmaker.begin() as db:
+                if code is not None:  # it ended with RUN_ERROR: ops see it at /v1/errors
+                    db.add(
+                        generation_error(
+                            at=now,
+                            code=code,
+                            message=message,
+                            session_id=spec.session_id,
+                            generation_id=spec.generation_id,
+                            user_id=spec.user_id,
+                            model=spec.model.id,
+                        )
+                    )
                 ordinal = await repo.next_ordinal(db, spec.session_id)
                 db.add(
                     ChatMessage(
@@ -774,16 +827,39 @@ async def recover_interrupted(
     async with sessionmaker() as db:
         stale = timedelta(seconds=manager.settings.generation_stale_after_s)
         leftovers = await repo.interrupted_leftovers(db, now - stale)
+    # Generations this process runs are alive whatever their heartbeat says (this also runs
+    # periodically, not only at start, so that a replica that died is cleaned up by the others).
+    alive = {h.spec.generation_id for h in manager.running.values()}
+    leftovers = [g for g in leftovers if g.id not in alive]
+    closed = 0
     for gen in leftovers:
         path = f"sessions/{gen.session_id}"
         text = await _partial_text(store, path, gen.message_id)
         message = "The service restarted during this answer; it is kept as far as it got."
         async with sessionmaker.begin() as db:
-            fresh = await db.get(Generation, gen.id)
-            if fresh is None or fresh.status != "running":
+            # Conditional, so that when several replicas recover at once each generation is
+            # closed (and its message saved, its RUN_ERROR written) exactly once.
+            claimed = await db.execute(
+                update(Generation)
+                .where(Generation.id == gen.id, Generation.status == "running")
+                .values(
+                    status="error", error_code="interrupted", error_message=message, finished_at=now
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if getattr(claimed, "rowcount", 0) != 1:
                 continue
-            fresh.status, fresh.error_code, fresh.error_message = "error", "interrupted", message
-            fresh.finished_at = now
+            db.add(
+                generation_error(
+                    at=now,
+                    code="interrupted",
+                    message=message,
+                    session_id=gen.session_id,
+                    generation_id=gen.id,
+                    user_id=gen.user_id,
+                    model=gen.model,
+                )
+            )
             db.add(
                 ChatMessage(
                     session_id=gen.session_id,
@@ -820,9 +896,10 @@ async def recover_interrupted(
             )
         except Exception as exc:
             log.warning("recovery_append_failed", error=type(exc).__name__)
-    if leftovers:
-        log.info("generations_recovered", count=len(leftovers))
-    return len(leftovers)
+        closed += 1
+    if closed:
+        log.info("generations_recovered", count=closed)
+    return closed
 
 
 async def _partial_text(store: StreamStore, path: str, message_id: str) -> str:

@@ -54,14 +54,14 @@ def chunk_record(
 
 
 def user_message_record(
-    *, message_id: str, actor_id: str, content: str, created_at: str, txid: str | None = None
+    *,
+    message_id: str,
+    actor_id: str,
+    parts: list[dict[str, Any]],
+    created_at: str,
+    txid: str | None = None,
 ) -> dict[str, Any]:
-    message = {
-        "id": message_id,
-        "role": "user",
-        "parts": [{"type": "text", "content": content}],
-        "createdAt": created_at,
-    }
+    message = {"id": message_id, "role": "user", "parts": parts, "createdAt": created_at}
     return chunk_record(
         message_id=message_id,
         actor_id=actor_id,

@@ -89,6 +89,44 @@ async def interrupted_leftovers(db: AsyncSession, stale_before: datetime) -> lis
     return list((await db.execute(stmt)).scalars())
 
 
+async def idle_sessions(db: AsyncSession, idle_before: datetime, limit: int) -> list[str]:
+    """Open sessions with nothing running, untouched since `idle_before`, oldest first."""
+    stmt = (
+        select(ChatSession.id)
+        .where(
+            ChatSession.ended_at.is_(None),
+            ChatSession.deleted_at.is_(None),
+            ChatSession.active_generation_id.is_(None),
+            ChatSession.updated_at < idle_before,
+        )
+        .order_by(ChatSession.updated_at)
+        .limit(limit)
+    )
+    return list((await db.execute(stmt)).scalars())
+
+
+async def mark_ended(
+    db: AsyncSession, session_id: str, now: datetime, idle_before: datetime | None = None
+) -> bool:
+    """End the session if it is open, nothing runs in it and (when given) it is untouched since
+    `idle_before`. One conditional UPDATE: of concurrent callers (a request, the idle sweeps of
+    several replicas) exactly one gets True."""
+    conditions = [
+        ChatSession.id == session_id,
+        ChatSession.ended_at.is_(None),
+        ChatSession.active_generation_id.is_(None),
+    ]
+    if idle_before is not None:
+        conditions += [ChatSession.updated_at < idle_before, ChatSession.deleted_at.is_(None)]
+    result = await db.execute(
+        update(ChatSession)
+        .where(*conditions)
+        .values(ended_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
 def message_out(m: ChatMessage) -> dict[str, Any]:
     return {
         "id": m.id,

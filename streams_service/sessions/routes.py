@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from streams_service.access.principal import Caller
+from streams_service.drain import accepting_work
 from streams_service.sessions.schemas import (
     Approval,
     CreateSession,
@@ -20,6 +21,8 @@ from streams_service.sessions.schemas import (
 from streams_service.sessions.service import SessionService
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
+# Routes that start new work: a draining replica answers them 503 `draining` + Retry-After.
+NEW_WORK = [Depends(accepting_work)]
 
 
 def _service(request: Request) -> SessionService:
@@ -31,7 +34,7 @@ def _json(model: type[BaseModel], data: dict[str, Any], status: int = 200) -> Re
     return JSONResponse(model.model_validate(data).model_dump(mode="json"), status_code=status)
 
 
-@router.post("/sessions", status_code=201, response_model=SessionOut)
+@router.post("/sessions", status_code=201, response_model=SessionOut, dependencies=NEW_WORK)
 async def create_session(
     request: Request, who: Caller, body: CreateSession | None = None
 ) -> Response:
@@ -39,7 +42,7 @@ async def create_session(
     return _json(SessionOut, out, 201)
 
 
-@router.put("/sessions/{session_id}", response_model=SessionOut)
+@router.put("/sessions/{session_id}", response_model=SessionOut, dependencies=NEW_WORK)
 async def put_session(
     session_id: str, request: Request, who: Caller, body: CreateSession | None = None
 ) -> Response:
@@ -52,14 +55,24 @@ async def get_session(session_id: str, request: Request, who: Caller) -> Respons
     return _json(SessionOut, await _service(request).get(session_id, who))
 
 
-@router.post("/sessions/{session_id}/messages", status_code=202, response_model=SendAccepted)
+@router.post(
+    "/sessions/{session_id}/messages",
+    status_code=202,
+    response_model=SendAccepted,
+    dependencies=NEW_WORK,
+)
 async def send_message(
     session_id: str, body: SendMessage, request: Request, who: Caller
 ) -> SendAccepted:
     return await _service(request).send(session_id, body, who)
 
 
-@router.post("/sessions/{session_id}/regenerate", status_code=202, response_model=SendAccepted)
+@router.post(
+    "/sessions/{session_id}/regenerate",
+    status_code=202,
+    response_model=SendAccepted,
+    dependencies=NEW_WORK,
+)
 async def regenerate(session_id: str, request: Request, who: Caller) -> SendAccepted:
     return await _service(request).regenerate(session_id, who)
 
@@ -76,7 +89,9 @@ async def approve(
     return await _service(request).approve(session_id, tool_call_id, body.approved, who)
 
 
-@router.post("/sessions/{session_id}/fork", status_code=201, response_model=SessionOut)
+@router.post(
+    "/sessions/{session_id}/fork", status_code=201, response_model=SessionOut, dependencies=NEW_WORK
+)
 async def fork(session_id: str, body: ForkRequest, request: Request, who: Caller) -> Response:
     out = await _service(request).fork(session_id, body.at_message_id, who)
     return _json(SessionOut, out, 201)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
@@ -17,10 +17,21 @@ class CreateSession(BaseModel):
     budget_usd: Decimal | None = Field(default=None, ge=0, le=100_000)
 
 
+class Attachment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["image"]
+    name: str = Field(default="image", max_length=200)
+    media_type: Literal["image/png", "image/jpeg", "image/gif", "image/webp"]
+    # Base64 of the image bytes (at most 5 MB decoded).
+    data: str = Field(min_length=1, max_length=7_000_000)
+
+
 class SendMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     content: str
+    attachments: list[Attachment] = Field(default_factory=list, max_length=5)
     model: str | None = None
     client_message_id: str | None = Field(default=None, min_length=1, max_length=128)
 

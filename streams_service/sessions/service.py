@@ -15,7 +15,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ChatMessage, ChatSession, Generation
-from streams_service.access.principal import Principal
+from streams_service.access import budgets
+from streams_service.access.limits import MESSAGE_SEND, SESSION_CREATE, RateLimited, RateLimiter
+from streams_service.access.principal import LOCAL_ADMIN, Principal
 from streams_service.config import Settings
 from streams_service.durable.model import AppendRequest, CreateRequest, Producer
 from streams_service.durable.offsets import format_offset, parse_offset
@@ -29,8 +31,11 @@ from streams_service.llm.models import (
     estimate_cost_usd,
     round_usd,
 )
-from streams_service.sessions import records
+from streams_service.observability.context import bind_request
+from streams_service.observability.telemetry import Telemetry
+from streams_service.sessions import attachments, records
 from streams_service.sessions import repository as repo
+from streams_service.sessions.control import ControlBus
 from streams_service.sessions.generation import GenerationManager, GenerationSpec
 from streams_service.sessions.schemas import CreateSession, SendAccepted, SendMessage
 
@@ -69,12 +74,21 @@ class SessionService:
         sessionmaker: async_sessionmaker[AsyncSession],
         generations: GenerationManager,
         catalog: Catalog,
+        limiter: RateLimiter,
+        *,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.sessionmaker = sessionmaker
         self.generations = generations
         self.catalog = catalog
+        self.limiter = limiter
+        # Metrics and analytics hooks (streams_service/observability/).
+        self.telemetry = telemetry or generations.telemetry
+        # Forwards stop and approvals to the replica running the generation (Postgres only;
+        # set by the app after the listener that feeds it exists).
+        self.control: ControlBus | None = None
 
     # ------------------------------------------------------------------ sessions
 
@@ -100,6 +114,11 @@ class SessionService:
                 if not who.owns(existing.user_id) or existing.deleted_at is not None:
                     raise NotFound("no such session")
                 return False, self.session_out(existing)
+        if not who.is_system:
+            # Counted only when a session is really made: an idempotent repeat is free.
+            await self.limiter.hit(
+                SESSION_CREATE, who.user_id or who.email, user_id=who.user_id
+            )
         # The stream first (idempotent), so a session row never exists without its stream.
         await self.store.create(stream_path(sid), CreateRequest(content_type="application/json"))
         now = datetime.now(UTC)
@@ -129,6 +148,9 @@ class SessionService:
                     raise NotFound("no such session") from None
                 return False, self.session_out(again)
         await self._publish_session(row)
+        # The request's later log lines name the new session (and its generations' lines).
+        bind_request(session_id=sid, user_id=user_id)
+        self.telemetry.session_started(sid, model.id, user_id)
         return True, self.session_out(row)
 
     async def get(self, session_id: str, who: Principal) -> dict[str, Any]:
@@ -191,6 +213,7 @@ class SessionService:
             "model": row.model,
             "simulated": self.settings.simulated,
             "endedAt": records.iso(row.ended_at) if row.ended_at else None,
+            "deletedAt": records.iso(row.deleted_at) if row.deleted_at else None,
             "updatedAt": records.iso(row.updated_at),
         }
         body = records.encode([records.session_record(row.id, value)])
@@ -201,13 +224,24 @@ class SessionService:
     # ------------------------------------------------------------------ messages
 
     async def send(self, session_id: str, body: SendMessage, who: Principal) -> SendAccepted:
+        try:
+            return await self._send(session_id, body, who)
+        except RateLimited as exc:
+            # Recorded only now: the send's transaction has rolled back (SQLite's write lock).
+            await self.limiter.record_rejection(exc)
+            raise
+
+    async def _send(self, session_id: str, body: SendMessage, who: Principal) -> SendAccepted:
         user_id = who.user_id
+        bind_request(user_id=user_id)  # inherited by the generation's log lines
         sid = parse_session_id(session_id)
         content = body.content
-        if not content.strip():
+        images = attachments.image_parts(body.attachments)
+        if not content.strip() and not images:
             raise BadRequest("content must not be empty")
         if len(content.encode()) > self.settings.message_max_bytes:
             raise PayloadTooLarge(f"content is larger than {self.settings.message_max_bytes} bytes")
+        parts = [{"type": "text", "content": content}, *images]
         model = self.model_or_400(body.model) if body.model else None
         now = datetime.now(UTC)
         message_id = f"msg_{uuid.uuid4().hex}"
@@ -219,15 +253,16 @@ class SessionService:
                 earlier = await repo.message_by_client_id(db, sid, body.client_message_id)
                 if earlier is not None:
                     return await self._repeat_send(earlier)
+            if not who.is_system:
+                await self.limiter.hit(
+                    MESSAGE_SEND, sid, user_id=user_id, session_id=sid, record=False
+                )
             if row.ended_at is not None:
                 raise Conflict("this session has ended; fork it to continue")
             model = model or self.catalog.get(row.model) or self.catalog.default_model
             history = await self._history(db, sid)
-            history.append({"role": "user", "content": content})
-            remaining = _remaining(row)
-            if remaining is not None and remaining <= 0:
-                raise PaymentRequired("this session's budget is used up")
-            reserve = self._reservation(model, history, remaining)
+            history.append({"role": "user", "content": attachments.user_blocks(content, images)})
+            remaining, reserve = await self._budget(db, row, who, model, history, now)
             claimed = await repo.claim_generation(db, sid, generation_id, reserve, now)
             if not claimed:
                 retry_after = self.generations.finishing(sid)
@@ -241,7 +276,7 @@ class SessionService:
                         ordinal=await repo.next_ordinal(db, sid),
                         role="user",
                         content=content,
-                        parts=[{"type": "text", "content": content}],
+                        parts=parts,
                         status="complete",
                         client_message_id=body.client_message_id,
                         generation_id=generation_id,
@@ -260,9 +295,9 @@ class SessionService:
             # (milliseconds) rather than refuse a client that reacted to its end.
             assert retry_after is not None
             await asyncio.wait({asyncio.ensure_future(retry_after.wait())}, timeout=5)
-            return await self.send(session_id, body, who)
+            return await self._send(session_id, body, who)
         try:
-            offset = await self._append_user_message(sid, message_id, user_id, content, now)
+            offset = await self._append_user_message(sid, message_id, user_id, parts, now)
         except BaseException:
             # Not on the stream, so not acknowledged: take the message back and free the session.
             async with self.sessionmaker.begin() as db:
@@ -296,6 +331,7 @@ class SessionService:
                 user_offset=offset,
             )
         )
+        self.telemetry.message_sent(sid, user_id, content)
         return SendAccepted(message_id=message_id, generation_id=generation_id, offset=offset)
 
     async def _repeat_send(self, earlier: ChatMessage) -> SendAccepted:
@@ -303,19 +339,24 @@ class SessionService:
         offset = earlier.stream_offset
         if offset is None:
             offset = await self._append_user_message(
-                earlier.session_id, earlier.id, None, earlier.content, earlier.created_at
+                earlier.session_id, earlier.id, None, earlier.parts, earlier.created_at
             )
         return SendAccepted(
             message_id=earlier.id, generation_id=earlier.generation_id or "", offset=offset
         )
 
     async def _append_user_message(
-        self, sid: str, message_id: str, user_id: str | None, content: str, created: datetime
+        self,
+        sid: str,
+        message_id: str,
+        user_id: str | None,
+        parts: list[dict[str, Any]],
+        created: datetime,
     ) -> str:
         record = records.user_message_record(
             message_id=message_id,
             actor_id=user_id or "user",
-            content=content,
+            parts=parts,
             created_at=records.iso(created),
         )
         outcome = await self.store.append(
@@ -334,6 +375,13 @@ class SessionService:
         return build_history(await repo.messages_of(db, sid))
 
     async def regenerate(self, session_id: str, who: Principal) -> SendAccepted:
+        try:
+            return await self._regenerate(session_id, who)
+        except RateLimited as exc:
+            await self.limiter.record_rejection(exc)
+            raise
+
+    async def _regenerate(self, session_id: str, who: Principal) -> SendAccepted:
         user_id = who.user_id
         """Answer the last user message again; the previous answer is marked superseded."""
         sid = parse_session_id(session_id)
@@ -341,6 +389,10 @@ class SessionService:
         generation_id, assistant_id = str(uuid.uuid4()), f"msg_{uuid.uuid4().hex}"
         async with self.sessionmaker.begin() as db:
             row = await self._visible(db, sid, who, "own")
+            if not who.is_system:
+                await self.limiter.hit(
+                    MESSAGE_SEND, sid, user_id=user_id, session_id=sid, record=False
+                )
             if row.ended_at is not None:
                 raise Conflict("this session has ended; fork it to continue")
             live = [m for m in await repo.messages_of(db, sid) if m.status != "superseded"]
@@ -349,10 +401,7 @@ class SessionService:
             previous, question = live[-1], live[-2]
             model = self.catalog.get(row.model) or self.catalog.default_model
             history = build_history(live[:-1])
-            remaining = _remaining(row)
-            if remaining is not None and remaining <= 0:
-                raise PaymentRequired("this session's budget is used up")
-            reserve = self._reservation(model, history, remaining)
+            remaining, reserve = await self._budget(db, row, who, model, history, now)
             if not await repo.claim_generation(db, sid, generation_id, reserve, now):
                 raise Conflict("a generation is already running in this session; stop it first")
             previous.status = "superseded"
@@ -425,14 +474,45 @@ class SessionService:
             heartbeat_at=now,
         )
 
-    def _reservation(
+    async def _budget(
+        self,
+        db: AsyncSession,
+        row: ChatSession,
+        who: Principal,
+        model: ModelInfo,
+        history: list[dict[str, Any]],
+        now: datetime,
+    ) -> tuple[Decimal | None, Decimal]:
+        """(the budget the generation may spend or None, what to reserve now) — or 402.
+
+        The session's cap is partly reservable; the user's daily cap must cover the full
+        estimate, checked under a per-user lock held until this transaction commits, so
+        concurrent sends in different sessions cannot together overspend it."""
+        remaining = _remaining(row)
+        if remaining is not None and remaining <= 0:
+            raise PaymentRequired("this session's budget is used up")
+        # The dev-mode local admin (no STREAMS_SECRET) has no daily cap: it is a one-person
+        # install, and the session cap still applies.
+        if who.user_id is not None and who != LOCAL_ADMIN:
+            await budgets.lock_user_budget(db, who.user_id)
+            user_left, _spent = await budgets.left_today(db, self.settings, who.user_id, now)
+            if user_left is not None:
+                full = self.reservation(model, history, None)
+                if user_left < full:
+                    raise PaymentRequired(
+                        f"your daily budget has ${max(user_left, Decimal(0)):.4f} left; this "
+                        f"message may cost up to ${full:.4f}. It resets at 00:00 UTC."
+                    )
+                remaining = user_left if remaining is None else min(remaining, user_left)
+        return remaining, self.reservation(model, history, remaining)
+
+    def reservation(
         self, model: ModelInfo, history: list[dict[str, Any]], remaining: Decimal | None
     ) -> Decimal:
         """The estimated cost reserved before the upstream call, capped by what is left."""
+        tokens = attachments.estimate_tokens(history)
         reserve = round_usd(
-            estimate_cost_usd(
-                model, _estimate_tokens(history), self.settings.generation_max_output_tokens
-            )
+            estimate_cost_usd(model, tokens, self.settings.generation_max_output_tokens)
         )
         return reserve if remaining is None else min(reserve, remaining)
 
@@ -459,6 +539,7 @@ class SessionService:
             usage = Usage.from_anthropic(reply.usage)
             cost = round_usd(cost_usd(model, usage))
             usage_row = usage
+            self.telemetry.usage(model.id, usage, cost)
         except Exception as exc:
             log.info("title_model_unavailable", error=type(exc).__name__)
         if not title:
@@ -505,7 +586,12 @@ class SessionService:
         if handle is None:
             if row.active_generation_id is None:
                 raise Conflict("no generation is running in this session")
-            raise Conflict("the running generation is owned by another replica")
+            if self.control is None:
+                raise Conflict("the running generation is owned by another replica")
+            # It runs on another replica: its owner stops it, and this answers once it has
+            # ended, as a local stop does.
+            await self.control.stop(sid, row.active_generation_id)
+            return {"generation_id": row.active_generation_id, "stopped": True}
         await handle.done.wait()
         return {"generation_id": handle.spec.generation_id, "stopped": True}
 
@@ -514,22 +600,58 @@ class SessionService:
     ) -> dict[str, Any]:
         sid = parse_session_id(session_id)
         async with self.sessionmaker() as db:
-            await self._visible(db, sid, who, "own")
-        if not self.generations.answer_approval(sid, tool_call_id, approved):
+            row = await self._visible(db, sid, who, "own")
+        answered = self.generations.answer_approval(sid, tool_call_id, approved)
+        running_elsewhere = (
+            row.active_generation_id is not None and sid not in self.generations.running
+        )
+        if not answered and running_elsewhere and self.control is not None:
+            # The owner answers whether that tool call was waiting there.
+            assert row.active_generation_id is not None
+            answered = await self.control.approve(
+                sid, row.active_generation_id, tool_call_id, approved
+            )
+        if not answered:
             raise NotFound("no tool call is waiting for approval under that id")
         return {"tool_call_id": tool_call_id, "approved": approved}
 
     async def end(self, session_id: str, who: Principal) -> dict[str, Any]:
         sid = parse_session_id(session_id)
-        async with self.sessionmaker.begin() as db:
+        async with self.sessionmaker() as db:
             row = await self._visible(db, sid, who, "manage")
-            if row.active_generation_id is not None:
-                raise Conflict("a generation is running; stop it before ending the session")
+        if row.ended_at is None:
+            ended = await self.close_session(sid)
+            if ended is not None:
+                return self.session_out(ended)
+            # Not ended by this call: a generation runs, or a concurrent end got there first.
+            async with self.sessionmaker() as db:
+                row = await self._visible(db, sid, who, "manage")
             if row.ended_at is None:
-                row.ended_at = row.updated_at = datetime.now(UTC)
-        await self._publish_session(row)
+                raise Conflict("a generation is running; stop it before ending the session")
+        # Ended already: an end cut short by a crash may have left the stream open.
         await self.store.append(stream_path(sid), AppendRequest(body=None, close=True))
         return self.session_out(row)
+
+    async def close_session(
+        self, sid: str, *, idle_before: datetime | None = None
+    ) -> ChatSession | None:
+        """End an open session in which nothing runs (with `idle_before`: only if untouched
+        since then). Every end passes here — POST /end and every replica's idle sweep — and the
+        conditional UPDATE lets exactly one caller win: it publishes the end, closes the stream
+        and gets the row; the others get None. End-of-session hooks belong here."""
+        now = datetime.now(UTC)
+        async with self.sessionmaker.begin() as db:
+            if not await repo.mark_ended(db, sid, now, idle_before):
+                return None
+            row = await repo.get_session(db, sid)
+        assert row is not None
+        assert row.ended_at is not None
+        self.telemetry.session_ended(
+            sid, row.user_id, row.message_count, row.created_at, row.ended_at
+        )
+        await self._publish_session(row)
+        await self.store.append(stream_path(sid), AppendRequest(body=None, close=True))
+        return row
 
     async def fork(
         self, session_id: str, at_message_id: str, who: Principal
@@ -606,7 +728,7 @@ def build_history(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if m.status == "superseded":
             continue
         if m.role == "user":
-            push("user", [{"type": "text", "text": m.content}])
+            push("user", attachments.user_blocks(m.content, m.parts))
             continue
         assistant: list[dict[str, Any]] = []
         results: list[dict[str, Any]] = []
@@ -654,9 +776,6 @@ def records_json(text: str) -> dict[str, Any]:
     return value
 
 
-def _estimate_tokens(history: list[dict[str, Any]]) -> int:
-    # About four characters a token: an upper-bound-ish estimate for the reservation.
-    return max(1, len(json.dumps(history)) // 3)
 
 
 def _remaining(row: ChatSession) -> Decimal | None:

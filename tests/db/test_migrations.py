@@ -26,8 +26,23 @@ def _diff(url: str) -> list[Any]:
     finally:
         engine.dispose()
     # Indexes the migrations add beyond the models (full-text search, partial indexes) are
-    # expected; anything else — tables, columns, types, model indexes — is drift.
-    return [d for d in diffs if not (isinstance(d, tuple) and d[0] == "remove_index")]
+    # expected, and so are SQLite's FTS5 search tables (with their shadow tables); anything
+    # else — tables, columns, types, model indexes — is drift.
+    return [
+        d
+        for d in diffs
+        if not (isinstance(d, tuple) and (d[0] == "remove_index" or _is_fts_table(d)))
+    ]
+
+
+FTS_TABLES = ("chat_messages_fts", "chat_sessions_fts")
+
+
+def _is_fts_table(diff: tuple[Any, ...]) -> bool:
+    if diff[0] != "remove_table":
+        return False
+    name: str = diff[1].name
+    return any(name == t or name.startswith(f"{t}_") for t in FTS_TABLES)
 
 
 def test_postgres_schema_matches_the_models() -> None:

@@ -15,7 +15,7 @@ import json
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import ServerProcess, migrate, postgres_database, tail
+from tests.support import ServerProcess, SseEvent, migrate, postgres_database, sse_events, tail
 
 LONG_POLL_TIMEOUT_MS = 20_000
 # Longest wait for one SSE event: under the servers' 20 s idle re-read, so only a cross-process
@@ -140,32 +140,6 @@ async def test_long_poll_on_one_process_is_woken_by_append_on_the_other(pair: Pa
 
 
 # --------------------------------------------------------------------------- (b) SSE
-
-
-@dataclass
-class SseEvent:
-    kind: str
-    data: str
-
-
-async def sse_events(response: httpx.Response) -> AsyncIterator[SseEvent]:
-    """Parse a text/event-stream body into events (WHATWG SSE framing)."""
-    kind = ""
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if line == "":
-            if data or kind:
-                yield SseEvent(kind or "message", "\n".join(data))
-            kind, data = "", []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            kind = value
-        elif name == "data":
-            data.append(value)
 
 
 class SseReader:

@@ -4,17 +4,21 @@ the simulator), on real SQLite and Postgres."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
+from streams_service.access.principal import Principal, current_principal
 from streams_service.app import Services, create_app
 from streams_service.config import Settings
+from tests.support import GENEROUS_LIMITS
 
 # Fast by default: no pacing, short flush interval; tests that need time pass overrides.
 FAST = {
@@ -24,7 +28,17 @@ FAST = {
     "generation_stall_timeout_s": 10,
     "approval_timeout_s": 10,
     "streams_long_poll_timeout_ms": 2000,
+    **{name.lower(): value for name, value in GENEROUS_LIMITS.items()},
 }
+
+# A real 1x1 PNG (attachments are checked to be the image type they claim).
+PNG = base64.b64encode(
+    bytes.fromhex(
+        "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+        "1f15c4890000000d49444154789c6360f8cfc0f01f0005000201e5274f"
+        "b70000000049454e44ae426082"
+    )
+).decode()
 
 AppFactory = Callable[..., AbstractAsyncContextManager[tuple[FastAPI, httpx.AsyncClient]]]
 
@@ -117,3 +131,23 @@ async def send(
     assert response.status_code == 202, response.text
     body: dict[str, Any] = response.json()
     return body
+
+
+def person(role: str = "member") -> Principal:
+    """A caller of the given role who owns nothing yet (no users row needed in dev mode)."""
+    uid = f"u-{uuid.uuid4().hex[:12]}"
+    return Principal(user_id=uid, email=f"{uid}@example.com", role=role)  # type: ignore[arg-type]
+
+
+@contextmanager
+def acting_as(app: FastAPI, who: Principal) -> Iterator[None]:
+    """Requests to `app` act for `who` until the block ends."""
+    previous = app.dependency_overrides.get(current_principal)
+    app.dependency_overrides[current_principal] = lambda: who
+    try:
+        yield
+    finally:
+        if previous is None:
+            app.dependency_overrides.pop(current_principal, None)
+        else:
+            app.dependency_overrides[current_principal] = previous

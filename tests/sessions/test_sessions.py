@@ -351,6 +351,10 @@ async def test_tools_needing_approval_wait_for_an_answer(
         assert result["state"] == "complete" and "bluebird" in result["content"]
     else:
         assert result["state"] == "error" and "denied" in result["content"]
+    # Live readers learn the same from the stream: the end event says whether it failed.
+    events = events_of(await stream_records(client, sid), assistant["id"])
+    end = next(e for e in events if e["type"] == "TOOL_CALL_END" and "result" in e)
+    assert end["isError"] is (not answer)
     # Answering again: nothing waits under that id any more.
     again = await client.post(f"/v1/sessions/{sid}/approvals/{call_id}", json={"approved": True})
     assert again.status_code == 404

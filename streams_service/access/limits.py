@@ -1,0 +1,193 @@
+"""Rate limits (DESIGN §4) with the `limits` library: moving windows, in Redis when REDIS_URL is
+set (so every replica counts against one limit), in memory otherwise.
+
+Redis down fails OPEN: a request is let through and a warning logged. Limits protect the service
+from abuse; refusing every staff member because a cache is down would be the bigger outage.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from limits import RateLimitItem, parse
+from limits.aio.storage import Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from db.models import RateLimitEvent
+from streams_service.config import Settings
+from streams_service.errors import TooManyRequests
+
+log = structlog.get_logger(__name__)
+
+SESSION_CREATE = "session_create"
+MESSAGE_SEND = "message_send"
+AUTH_FAILURE = "auth_failure"
+# What each limit is keyed on, for the dashboard.
+SCOPES = {SESSION_CREATE: "user", MESSAGE_SEND: "session", AUTH_FAILURE: "client address"}
+# Keys remembered per limit for "current window use" (the busiest recent ones matter).
+RECENT_KEYS = 200
+
+
+class RateLimited(TooManyRequests):
+    """A 429 from a rate limit; `event` is the rejection still to be recorded, if any."""
+
+    event: RateLimitEvent | None = None
+
+
+@dataclass(frozen=True)
+class LimitInfo:
+    name: str
+    limit: str
+    scope: str
+    item: RateLimitItem
+
+
+def storage_uri(redis_url: str | None) -> str:
+    if not redis_url:
+        return "async+memory://"
+    # limits names its async Redis backends async+redis:// and async+rediss:// (TLS, Upstash).
+    return "async+" + redis_url
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession] | None,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        self.limits = {
+            name: LimitInfo(name, text, SCOPES[name], parse(text))
+            for name, text in (
+                (SESSION_CREATE, settings.rate_limit_session_create),
+                (MESSAGE_SEND, settings.rate_limit_messages),
+                (AUTH_FAILURE, settings.rate_limit_auth_failures),
+            )
+        }
+        uri = storage_uri(settings.redis_url)
+        options: dict[str, Any] = {}
+        if settings.redis_url:
+            # redis-py (already a dependency) rather than limits' default coredis client.
+            options["implementation"] = "redispy"
+        storage = storage_from_string(uri, **options)
+        assert isinstance(storage, Storage)
+        self.storage = storage
+        self.strategy = MovingWindowRateLimiter(storage)
+        self.sessionmaker = sessionmaker
+        self.on_reject = on_reject
+        self.shared = bool(settings.redis_url)
+        self._recent: dict[str, OrderedDict[str, str | None]] = {
+            name: OrderedDict() for name in self.limits
+        }
+
+    async def hit(
+        self,
+        name: str,
+        key: str,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        record: bool = True,
+    ) -> None:
+        """Count one request against `name` for `key`; over the limit raises RateLimited (429).
+
+        Inside an open write transaction pass `record=False` and `record_rejection` the error
+        after it has rolled back: on SQLite a second writer would wait for the first."""
+        info = self.limits[name]
+        try:
+            allowed = await self.strategy.hit(info.item, name, key)
+        except Exception as exc:
+            log.warning("rate_limit_storage_unavailable", limit=name, error=type(exc).__name__)
+            return
+        recent = self._recent[name]
+        recent[key] = user_id
+        recent.move_to_end(key)
+        while len(recent) > RECENT_KEYS:
+            recent.popitem(last=False)
+        if allowed:
+            return
+        headers = await self._headers(info, key)
+        if self.on_reject is not None:
+            self.on_reject(name)
+        error = RateLimited(
+            f"rate limit {info.limit} per {info.scope} reached; retry in "
+            f"{headers['Retry-After']} s",
+            headers=headers,
+        )
+        error.event = RateLimitEvent(
+            at=datetime.now(UTC),
+            limit_name=name,
+            key=key[:128],
+            user_id=user_id,
+            session_id=session_id,
+        )
+        if record:
+            await self.record_rejection(error)
+        raise error
+
+    async def blocked(self, name: str, key: str) -> dict[str, str] | None:
+        """The 429 headers if `key` has no room left under `name`, without counting a hit."""
+        info = self.limits[name]
+        try:
+            room = await self.strategy.test(info.item, name, key)
+        except Exception as exc:
+            log.warning("rate_limit_storage_unavailable", limit=name, error=type(exc).__name__)
+            return None
+        return None if room else await self._headers(info, key)
+
+    async def _headers(self, info: LimitInfo, key: str) -> dict[str, str]:
+        stats = await self.strategy.get_window_stats(info.item, info.name, key)
+        reset = max(1, math.ceil(stats.reset_time - time.time()))
+        return {
+            "Retry-After": str(reset),
+            "RateLimit-Limit": str(info.item.amount),
+            "RateLimit-Remaining": str(max(0, stats.remaining)),
+            "RateLimit-Reset": str(reset),
+            "RateLimit-Policy": f"{info.item.amount};w={info.item.get_expiry()}",
+        }
+
+    async def record_rejection(self, error: RateLimited) -> None:
+        """Write the rejection for the dashboard (once; a no-op without a database)."""
+        event, error.event = error.event, None
+        if self.sessionmaker is None or event is None:
+            return
+        try:
+            async with self.sessionmaker.begin() as db:
+                db.add(event)
+        except Exception as exc:
+            # The 429 stands even if the dashboard misses one rejection.
+            log.warning("rate_limit_event_not_recorded", error=type(exc).__name__)
+
+    async def current(self) -> list[dict[str, Any]]:
+        """Window use of the keys this process saw recently (with Redis: counted by everyone)."""
+        out: list[dict[str, Any]] = []
+        for name, recent in self._recent.items():
+            info = self.limits[name]
+            for key, user_id in reversed(recent.items()):
+                try:
+                    stats = await self.strategy.get_window_stats(info.item, name, key)
+                except Exception:
+                    return out
+                used = info.item.amount - stats.remaining
+                if used <= 0:
+                    continue
+                out.append(
+                    {
+                        "limit_name": name,
+                        "key": key,
+                        "user_id": user_id,
+                        "used": used,
+                        "limit": info.item.amount,
+                        "resets_at": datetime.fromtimestamp(stats.reset_time, UTC),
+                    }
+                )
+        return out
