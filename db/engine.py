@@ -10,9 +10,7 @@ from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-
-class DatabaseURLError(ValueError):
-    """DATABASE_URL is not a URL we know how to use."""
+from db.errors import DatabaseURLError as DatabaseURLError
 
 
 def normalize_database_url(raw: str) -> str:

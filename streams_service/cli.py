@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from db.engine import DatabaseURLError
+from db.errors import DatabaseURLError
 
 
 def _serve(args: argparse.Namespace) -> int:

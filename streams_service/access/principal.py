@@ -13,8 +13,9 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, Request
 
+from streams_service.access.roles import ROLES as ROLES
+
 Role = Literal["member", "ops", "admin", "system"]
-ROLES: tuple[str, ...] = ("member", "ops", "admin")
 
 
 @dataclass(frozen=True, slots=True)
