@@ -1,5 +1,6 @@
-"""schemathesis over the service's OpenAPI schema, as a member: whatever the input, no 5xx and
-no response that breaks the documented schema. Runs against a real `chatops serve` process."""
+"""schemathesis over the service's OpenAPI schema, as a member, ops and an admin: whatever the
+input, no 5xx and no response that breaks the documented schema. Runs against a real
+`chatops serve` process."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ SECRET = "fuzz-secret-" + "z" * 32
 
 
 @pytest.fixture(scope="module")
-def member_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(base URL, a member's API token) of a real service with authentication on."""
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The base URL of a real service with authentication on."""
     work: Path = tmp_path_factory.mktemp("fuzz")
     url = f"sqlite:///{work / 'fuzz.db'}"
     upgrade(url)
@@ -36,22 +37,28 @@ def member_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         RATE_LIMIT_AUTH_FAILURES="100000/minute",
     ).start()
     try:
-        system = {"Authorization": f"Bearer {SECRET}"}
-        email = f"fuzz-{uuid.uuid4().hex[:8]}@example.com"
-        user = httpx.post(f"{server.base_url}/v1/users", json={"email": email}, headers=system)
-        assert user.status_code == 201, user.text
-        token = httpx.post(
-            f"{server.base_url}/v1/users/{user.json()['id']}/tokens", json={}, headers=system
-        ).json()["token"]
-        yield server.base_url, token
+        yield server.base_url
     finally:
         server.stop()
 
 
-def test_a_member_never_gets_a_5xx_or_an_off_schema_reply(member_api: tuple[str, str]) -> None:
+def token_for(base_url: str, role: str) -> str:
+    """A new user of `role` and an API token of theirs, made by the system principal."""
+    system = {"Authorization": f"Bearer {SECRET}"}
+    email = f"fuzz-{role}-{uuid.uuid4().hex[:8]}@example.com"
+    user = httpx.post(f"{base_url}/v1/users", json={"email": email, "role": role}, headers=system)
+    assert user.status_code == 201, user.text
+    created = httpx.post(f"{base_url}/v1/users/{user.json()['id']}/tokens", json={}, headers=system)
+    assert created.status_code == 201, created.text
+    token: str = created.json()["token"]
+    return token
+
+
+@pytest.mark.parametrize("role", ["member", "ops", "admin"])
+def test_no_role_gets_a_5xx_or_an_off_schema_reply(service: str, role: str) -> None:
     # Driven by hand rather than through schemathesis' pytest plugin, which does not run on
     # pytest 9: every operation, a fixed number of derandomized examples each.
-    base_url, token = member_api
+    base_url, token = service, token_for(service, role)
     headers = {"Authorization": f"Bearer {token}"}
     api = schemathesis.openapi.from_url(f"{base_url}/openapi.json", headers=headers)
     failures: list[str] = []
