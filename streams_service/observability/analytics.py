@@ -8,12 +8,14 @@ a request never waits on PostHog, and the lifespan flushes what is left at shutd
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from posthog.client import Client
 
 from streams_service.config import Settings
+
+if TYPE_CHECKING:
+    from posthog.client import Client
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +44,9 @@ class Analytics:
     def from_settings(cls, settings: Settings) -> Analytics:
         if not settings.posthog_api_key:
             return cls()
+        # Imported only when configured: the SDK costs ~8 MB of every process's memory.
+        from posthog.client import Client
+
         client = Client(
             settings.posthog_api_key,
             host=settings.posthog_host,
