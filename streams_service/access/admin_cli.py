@@ -20,6 +20,7 @@ from db.engine import create_engine
 from db.models import ApiToken, User
 from streams_service.access import users
 from streams_service.access.principal import Principal
+from streams_service.client.render import table
 from streams_service.errors import AppError, NotFound
 from streams_service.ops.audit import record
 
@@ -53,10 +54,8 @@ async def _user(db: AsyncSession, ref: str) -> User:
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> None:
-    cells = [header] + [["" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    # The client's table printer, which also strips terminal escapes from stored values.
+    table(sys.stdout, header, [["" if v is None else str(v) for v in row] for row in rows])
 
 
 def _users_add(args: argparse.Namespace) -> int:
