@@ -59,19 +59,22 @@ class ChunkWriter:
         self._producer_seq = 0
         self._inflight: bytes | None = None
         self._lock = asyncio.Lock()
-        self._ticker: asyncio.Task[None] | None = None
+        # A one-shot timer per pending batch, armed by its first delta: an idle generation (a
+        # tool waiting for approval, a long thinking pause upstream) costs no wake-ups, and 500
+        # busy ones cost one wake-up per write rather than a ticker each.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_flush: asyncio.Task[None] | None = None
         self.last_offset: str | None = None
         self.appends = 0
 
     async def __aenter__(self) -> ChunkWriter:
-        self._ticker = asyncio.create_task(self._tick(), name=f"chunks-{self._message_id}")
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        self._disarm()
+        if self._timed_flush is not None:
+            with contextlib.suppress(Exception):
+                await self._timed_flush
         await self.flush()
 
     async def emit(self, event: dict[str, Any], *, flush: bool = False) -> None:
@@ -91,6 +94,7 @@ class ChunkWriter:
             self._pending_chars += len(event.get(text_field, ""))
             if self._pending_since is None:
                 self._pending_since = time.monotonic()
+                self._arm()
             if self._pending_chars >= self._flush_chars or flush:
                 await self.flush()
             return
@@ -114,6 +118,7 @@ class ChunkWriter:
         batch, self._pending = self._pending, []
         self._pending_chars = 0
         self._pending_since = None
+        self._disarm()
         created = records.now_iso()
         rows = []
         for event in batch:
@@ -141,13 +146,26 @@ class ChunkWriter:
         if outcome.next_offset_pos is not None:
             self.last_offset = format_offset(outcome.next_offset_pos)
 
-    async def _tick(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval / 2)
-            since = self._pending_since
-            if since is not None and time.monotonic() - since >= self._interval:
-                try:
-                    await self.flush()
-                except Exception as exc:
-                    # Kept for the next flush; the generation sees the error on its next write.
-                    log.warning("chunk_flush_failed", error=type(exc).__name__)
+    def _arm(self) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self._on_timer)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._pending_since is None:
+            return
+        # While an earlier timed write is still committing, this batch waits for its lock in
+        # flush(): under load the batches grow instead of the writes queueing up.
+        self._timed_flush = asyncio.create_task(self._flush_quietly())
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self.flush()
+        except Exception as exc:
+            # Kept for the next flush; the generation sees the error on its next write.
+            log.warning("chunk_flush_failed", error=type(exc).__name__)

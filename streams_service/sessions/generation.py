@@ -30,6 +30,7 @@ from streams_service.durable.model import AppendRequest
 from streams_service.durable.store import StreamStore
 from streams_service.llm import tools as tool_registry
 from streams_service.llm.models import ModelInfo, Usage, cost_usd, round_usd
+from streams_service.llm.stream import MessageAccumulator, stream_message
 from streams_service.observability.telemetry import Telemetry
 from streams_service.ops.error_events import generation_error
 from streams_service.sessions import records
@@ -305,20 +306,26 @@ class _Runner:
                     "max_tokens": "length",
                     "refusal": "content_filter",
                 }.get(stop_reason or "", "stop")
-            tool_uses = [b for b in final.content if b.type == "tool_use"]
+            content = final.content
             results = []
-            for block in tool_uses:
-                results.append(await self._run_tool(block.id, block.name, dict(block.input)))
+            for block in content:
+                if block.get("type") == "tool_use":
+                    tool_input = block.get("input")
+                    results.append(
+                        await self._run_tool(
+                            str(block.get("id")),
+                            str(block.get("name")),
+                            dict(tool_input) if isinstance(tool_input, dict) else {},
+                        )
+                    )
+            # Sent back as the API gave it (thinking signatures included), as the SDK would.
             conversation.append(
-                {
-                    "role": "assistant",
-                    "content": [b.model_dump(exclude_none=True) for b in final.content],
-                }
+                {"role": "assistant", "content": [_without_nones(b) for b in content]}
             )
             conversation.append({"role": "user", "content": results})
         return "tool_calls"
 
-    async def _one_call(self, conversation: list[dict[str, Any]]) -> Any:
+    async def _one_call(self, conversation: list[dict[str, Any]]) -> MessageAccumulator:
         spec = self.spec
         params: dict[str, Any] = {
             "model": spec.model.id,
@@ -331,12 +338,11 @@ class _Runner:
         if thinking is not None:
             params["thinking"] = thinking
         stall = self.settings.generation_stall_timeout_s
-        saw_stop = False
-        async with self.m.client.messages.stream(**params) as stream:
+        async with stream_message(self.m.client, params) as stream:
             self.ratelimit = {
-                k: v for k, v in stream.response.headers.items() if k.startswith(RATELIMIT_PREFIX)
+                k: v for k, v in stream.headers.items() if k.startswith(RATELIMIT_PREFIX)
             }
-            iterator = stream.__aiter__()
+            iterator = stream.events().__aiter__()
             while True:
                 # Checked on every event as well as by cancelling the task: Python 3.11's
                 # wait_for could lose a cancellation that raced a finishing read, so stop
@@ -351,26 +357,25 @@ class _Runner:
                     break
                 except TimeoutError:
                     raise UpstreamStalled() from None
-                if event.type == "message_start":
-                    self.current_input_tokens = _total_input(event.message.usage)
-                elif event.type == "message_stop":
-                    saw_stop = True
-                await self._on_event(event)
-            final = await stream.get_final_message()
+                if event["type"] == "message_start":
+                    self.current_input_tokens = _total_input(stream.accumulated.usage)
+                await self._on_event(event, stream.accumulated)
+        final = stream.accumulated
         usage = Usage.from_anthropic(final.usage)
         self.usage_calls.append(usage)
         self.cost += cost_usd(spec.model, usage)
-        if not saw_stop:
+        if not final.saw_stop:
             raise UpstreamCut()
         return final
 
-    async def _on_event(self, event: Any) -> None:
+    async def _on_event(self, event: dict[str, Any], message: MessageAccumulator) -> None:
         assert self.writer is not None
-        kind = event.type
+        kind = event["type"]
         mid = self.spec.message_id
         if kind == "content_block_start":
-            block = event.content_block
-            if block.type == "text":
+            block = event.get("content_block") or {}
+            btype = block.get("type")
+            if btype == "text":
                 if not self.text_open:
                     self.text_open = True
                     await self.writer.emit(
@@ -383,7 +388,7 @@ class _Runner:
                     await self.writer.emit(
                         records.event("TEXT_MESSAGE_CONTENT", messageId=mid, delta=lead)
                     )
-            elif block.type == "thinking":
+            elif btype == "thinking":
                 self.thinking_steps += 1
                 step = f"thinking-{self.thinking_steps}"
                 self.parts.append(
@@ -392,14 +397,14 @@ class _Runner:
                 await self.writer.emit(
                     records.event("STEP_STARTED", stepId=step, stepType="thinking")
                 )
-            elif block.type == "tool_use":
+            elif btype == "tool_use":
                 self.parts.append(
                     _Part(
                         "tool-call",
                         {
                             "type": "tool-call",
-                            "id": block.id,
-                            "name": block.name,
+                            "id": block.get("id"),
+                            "name": block.get("name"),
                             "arguments": "",
                             "state": "input-streaming",
                         },
@@ -408,58 +413,61 @@ class _Runner:
                 await self.writer.emit(
                     records.event(
                         "TOOL_CALL_START",
-                        toolCallId=block.id,
-                        toolName=block.name,
-                        index=event.index,
+                        toolCallId=block.get("id"),
+                        toolName=block.get("name"),
+                        index=event.get("index"),
                     )
                 )
         elif kind == "content_block_delta":
-            delta = event.delta
-            if delta.type == "text_delta" and self.parts and self.parts[-1].kind == "text":
+            delta = event.get("delta") or {}
+            dtype = delta.get("type")
+            last = self.parts[-1] if self.parts else None
+            if dtype == "text_delta" and last is not None and last.kind == "text":
+                text = delta.get("text", "")
                 self._first_token()
-                self.parts[-1].data["content"] += delta.text
-                self.output_chars += len(delta.text)
+                last.data["content"] += text
+                self.output_chars += len(text)
                 # The first words go out at once (time to first token); the rest are coalesced.
                 first_text = not self.text_seen
                 self.text_seen = True
                 await self.writer.emit(
-                    records.event("TEXT_MESSAGE_CONTENT", messageId=mid, delta=delta.text),
+                    records.event("TEXT_MESSAGE_CONTENT", messageId=mid, delta=text),
                     flush=first_text,
                 )
-            elif (
-                delta.type == "thinking_delta" and self.parts and self.parts[-1].kind == "thinking"
-            ):
+            elif dtype == "thinking_delta" and last is not None and last.kind == "thinking":
+                text = delta.get("thinking", "")
                 first = self._first_token()
-                part = self.parts[-1].data
-                part["content"] += delta.thinking
-                self.output_chars += len(delta.thinking)
+                part = last.data
+                part["content"] += text
+                self.output_chars += len(text)
                 await self.writer.emit(
-                    records.event("STEP_FINISHED", stepId=part["step"], delta=delta.thinking),
+                    records.event("STEP_FINISHED", stepId=part["step"], delta=text),
                     flush=first,
                 )
-            elif (
-                delta.type == "input_json_delta"
-                and self.parts
-                and self.parts[-1].kind == "tool-call"
-            ):
-                part = self.parts[-1].data
-                part["arguments"] += delta.partial_json
-                self.output_chars += len(delta.partial_json)
+            elif dtype == "input_json_delta" and last is not None and last.kind == "tool-call":
+                text = delta.get("partial_json", "")
+                part = last.data
+                part["arguments"] += text
+                self.output_chars += len(text)
                 await self.writer.emit(
-                    records.event("TOOL_CALL_ARGS", toolCallId=part["id"], delta=delta.partial_json)
+                    records.event("TOOL_CALL_ARGS", toolCallId=part["id"], delta=text)
                 )
             self._check_budget()
         elif kind == "content_block_stop":
-            block = getattr(event, "content_block", None)
-            if block is not None and block.type == "tool_use":
+            block = message.block(event.get("index"))
+            if block is not None and block.get("type") == "tool_use":
+                tool_input = block.get("input", {})
                 for done in reversed(self.parts):
-                    if done.kind == "tool-call" and done.data["id"] == block.id:
-                        done.data["arguments"] = json.dumps(block.input)
+                    if done.kind == "tool-call" and done.data["id"] == block.get("id"):
+                        done.data["arguments"] = json.dumps(tool_input)
                         done.data["state"] = "input-complete"
                         break
                 await self.writer.emit(
                     records.event(
-                        "TOOL_CALL_END", toolCallId=block.id, toolName=block.name, input=block.input
+                        "TOOL_CALL_END",
+                        toolCallId=block.get("id"),
+                        toolName=block.get("name"),
+                        input=tool_input,
                     )
                 )
 
@@ -786,6 +794,10 @@ def _thinking_param(model: ModelInfo, max_tokens: int) -> dict[str, Any] | None:
     if mode == "enabled" and max_tokens > 1024:
         return {"type": "enabled", "budget_tokens": max(1024, min(4096, max_tokens // 2))}
     return None
+
+
+def _without_nones(block: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in block.items() if v is not None}
 
 
 def _total_input(usage: Any) -> int:

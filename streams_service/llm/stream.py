@@ -1,0 +1,178 @@
+"""One streaming Messages API call: the official SDK sends it, we read its event stream.
+
+The SDK builds and sends the request (auth, headers, retries while the response is opening, and
+`APIStatusError`s for non-2xx answers). Once the `200` event stream is open we decode it here
+rather than through `messages.stream()`: the SDK's helper turns every event into pydantic models
+twice (the raw event, then a snapshot update and a synthetic `text`/`thinking` event) — about
+85 µs of CPU per event, against ~5 µs to split the SSE frames and `json.loads` them. A generation
+at 50 tokens/s is 50 events a second, and 500 of them at once would need two cores for event
+parsing alone; the service has one event loop.
+
+The accumulation follows the SDK's `accumulate_event` (reference/anthropic-api.md §1.3 to §1.5):
+`message_start` seeds the message; blocks and deltas build `content`; `message_delta` sets the
+stop reason and overwrites the cumulative usage counts it carries; `ping` and unknown events are
+ignored; `event: error` raises `anthropic.APIStatusError`, as the SDK does (status 200). A stream
+that ends without `message_stop` is left for the caller to judge (`saw_stop`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anthropic
+
+Event = dict[str, Any]
+
+
+class SSEFrames:
+    """Splits an SSE byte stream into (event name, data) pairs; frames end at a blank line."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[tuple[str | None, bytes]]:
+        buffer = self._buffer + data
+        held = b""
+        if b"\r" in buffer:
+            if buffer.endswith(b"\r"):
+                # Maybe the first half of a CRLF split across reads: decide on the next read.
+                buffer, held = buffer[:-1], b"\r"
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        frames: list[tuple[str | None, bytes]] = []
+        start = 0
+        while True:
+            end = buffer.find(b"\n\n", start)
+            if end < 0:
+                break
+            frames.append(_frame(buffer[start:end]))
+            start = end + 2
+        self._buffer = buffer[start:] + held
+        return frames
+
+
+def _frame(raw: bytes) -> tuple[str | None, bytes]:
+    name: str | None = None
+    data: list[bytes] = []
+    for line in raw.split(b"\n"):
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line.startswith(b"event:"):
+            name = line[6:].strip().decode("utf-8", "replace")
+    return name, b"\n".join(data)
+
+
+class MessageAccumulator:
+    """The message a stream describes, built from its events (dicts in the API's own shape)."""
+
+    def __init__(self) -> None:
+        self.message: Event | None = None
+        self.usage: dict[str, Any] = {}
+        self.stop_reason: str | None = None
+        self.saw_stop = False
+        self._json: dict[int, str] = {}  # tool input JSON so far, by block index
+
+    @property
+    def content(self) -> list[Event]:
+        return list(self.message.get("content", [])) if self.message else []
+
+    def add(self, event: Event) -> None:
+        kind = event.get("type")
+        if kind == "message_start":
+            self.message = dict(event.get("message") or {})
+            self.message["content"] = []
+            self.usage = dict(self.message.get("usage") or {})
+            return
+        if self.message is None:
+            return  # out of order; the SDK passes such events through unaccumulated
+        content: list[Event] = self.message["content"]
+        if kind == "content_block_start":
+            block = dict(event.get("content_block") or {})
+            if block.get("type") in ("tool_use", "server_tool_use"):
+                self._json[len(content)] = ""
+            content.append(block)
+        elif kind == "content_block_delta":
+            index = event.get("index", len(content) - 1)
+            if not isinstance(index, int) or not 0 <= index < len(content):
+                return
+            block, delta = content[index], event.get("delta") or {}
+            dtype = delta.get("type")
+            if dtype == "text_delta":
+                block["text"] = block.get("text", "") + delta.get("text", "")
+            elif dtype == "thinking_delta":
+                block["thinking"] = block.get("thinking", "") + delta.get("thinking", "")
+            elif dtype == "signature_delta":
+                block["signature"] = delta.get("signature", "")
+            elif dtype == "input_json_delta":
+                self._json[index] = self._json.get(index, "") + delta.get("partial_json", "")
+            elif dtype == "citations_delta":
+                block.setdefault("citations", []).append(delta.get("citation"))
+        elif kind == "content_block_stop":
+            index = event.get("index", len(content) - 1)
+            if isinstance(index, int) and index in self._json and 0 <= index < len(content):
+                raw = self._json.pop(index)
+                try:
+                    content[index]["input"] = json.loads(raw) if raw.strip() else {}
+                except ValueError:
+                    raise ValueError(
+                        f"Unable to parse tool parameter JSON from model: {raw[:200]!r}"
+                    ) from None
+        elif kind == "message_delta":
+            delta = event.get("delta") or {}
+            if "stop_reason" in delta:
+                self.stop_reason = delta.get("stop_reason")
+            # Cumulative counts: overwrite what they carry, keep message_start's for the rest.
+            for key, value in (event.get("usage") or {}).items():
+                if value is not None:
+                    self.usage[key] = value
+        elif kind == "message_stop":
+            self.saw_stop = True
+
+    def block(self, index: Any) -> Event | None:
+        content = self.message["content"] if self.message else []
+        return content[index] if isinstance(index, int) and 0 <= index < len(content) else None
+
+
+class MessageStream:
+    """Iterates the decoded events of an open streaming response."""
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+        self.headers: Any = response.headers
+        self.accumulated = MessageAccumulator()
+
+    async def events(self) -> AsyncIterator[Event]:
+        frames = SSEFrames()
+        async for chunk in self._response.iter_bytes():
+            for name, data in frames.feed(chunk):
+                if name is None or name == "ping" or not data:
+                    continue  # the SDK's decoder skips these too
+                if name == "error":
+                    raise _stream_error(self._response, data)
+                event = json.loads(data)
+                if not isinstance(event, dict):
+                    continue
+                self.accumulated.add(event)
+                yield event
+
+
+def _stream_error(response: Any, data: bytes) -> anthropic.APIStatusError:
+    body: object
+    try:
+        body = json.loads(data)
+        message = f"{body}"
+    except ValueError:
+        body = data.decode("utf-8", "replace")
+        message = str(body) or f"Error code: {response.status_code}"
+    return anthropic.APIStatusError(message, response=response.http_response, body=body)
+
+
+@asynccontextmanager
+async def stream_message(
+    client: anthropic.AsyncAnthropic, params: dict[str, Any]
+) -> AsyncIterator[MessageStream]:
+    """POST /v1/messages with `stream: true` through the SDK; yields the open event stream."""
+    async with client.messages.with_streaming_response.create(stream=True, **params) as response:
+        yield MessageStream(response)

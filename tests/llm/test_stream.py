@@ -1,0 +1,296 @@
+"""The service's own reading of a Messages API event stream (streams_service/llm/stream.py).
+
+The SSE framing and the accumulation are checked here event by event; the whole path (the
+official SDK sending the request, our decoder reading the simulator's real stream, faults
+included) is covered by tests/sessions.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import httpx2
+import pytest
+
+from streams_service.llm.stream import MessageAccumulator, MessageStream, SSEFrames
+
+
+def _sse(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+START = {
+    "type": "message_start",
+    "message": {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-5-5",
+        "content": [],
+        "stop_reason": None,
+        "usage": {
+            "input_tokens": 377,
+            "cache_creation_input_tokens": 10,
+            "cache_read_input_tokens": 5,
+            "output_tokens": 1,
+        },
+    },
+}
+
+TOOL_STREAM = [
+    ("message_start", START),
+    ("ping", {"type": "ping"}),
+    (
+        "content_block_start",
+        {
+            "type": "content_block_start",
+            "index": 0,
+            "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+        },
+    ),
+    (
+        "content_block_delta",
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "thinking_delta", "thinking": "Let me "},
+        },
+    ),
+    (
+        "content_block_delta",
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "thinking_delta", "thinking": "add."},
+        },
+    ),
+    (
+        "content_block_delta",
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "signature_delta", "signature": "sig=="},
+        },
+    ),
+    ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    (
+        "content_block_start",
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+    ),
+    (
+        "content_block_delta",
+        {
+            "type": "content_block_delta",
+            "index": 1,
+            "delta": {"type": "text_delta", "text": "Sure"},
+        },
+    ),
+    (
+        "content_block_delta",
+        {
+            "type": "content_block_delta",
+            "index": 1,
+            "delta": {"type": "text_delta", "text": ", adding."},
+        },
+    ),
+    ("content_block_stop", {"type": "content_block_stop", "index": 1}),
+    (
+        "content_block_start",
+        {
+            "type": "content_block_start",
+            "index": 2,
+            "content_block": {
+                "type": "tool_use",
+                "id": "toolu_1",
+                "name": "calculator",
+                "caller": {"type": "direct"},
+                "input": {},
+            },
+        },
+    ),
+    (
+        "content_block_delta",
+        {
+            "type": "content_block_delta",
+            "index": 2,
+            "delta": {"type": "input_json_delta", "partial_json": ""},
+        },
+    ),
+    (
+        "content_block_delta",
+        {
+            "type": "content_block_delta",
+            "index": 2,
+            "delta": {"type": "input_json_delta", "partial_json": '{"expression": "2'},
+        },
+    ),
+    (
+        "content_block_delta",
+        {
+            "type": "content_block_delta",
+            "index": 2,
+            "delta": {"type": "input_json_delta", "partial_json": '+2"}'},
+        },
+    ),
+    ("content_block_stop", {"type": "content_block_stop", "index": 2}),
+    ("future_event", {"type": "future_event", "anything": True}),
+    (
+        "message_delta",
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+            "usage": {"output_tokens": 65},
+        },
+    ),
+    ("message_stop", {"type": "message_stop"}),
+]
+
+
+def _accumulate(events: list[tuple[str, dict[str, Any]]]) -> MessageAccumulator:
+    acc = MessageAccumulator()
+    for _name, data in events:
+        acc.add(data)
+    return acc
+
+
+def test_a_tool_turn_accumulates_to_the_message_the_api_describes() -> None:
+    acc = _accumulate(TOOL_STREAM)
+    assert acc.saw_stop and acc.stop_reason == "tool_use"
+    assert acc.content == [
+        {"type": "thinking", "thinking": "Let me add.", "signature": "sig=="},
+        {"type": "text", "text": "Sure, adding."},
+        {
+            "type": "tool_use",
+            "id": "toolu_1",
+            "name": "calculator",
+            "caller": {"type": "direct"},
+            "input": {"expression": "2+2"},
+        },
+    ]
+    # message_delta's cumulative output count overwrites; fields it lacks keep message_start's.
+    assert acc.usage["output_tokens"] == 65
+    assert acc.usage["input_tokens"] == 377
+    assert acc.usage["cache_creation_input_tokens"] == 10
+    assert acc.usage["cache_read_input_tokens"] == 5
+
+
+def test_message_delta_overwrites_input_counts_it_carries() -> None:
+    acc = _accumulate(
+        [
+            ("message_start", START),
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn"},
+                    "usage": {
+                        "output_tokens": 9,
+                        "input_tokens": 400,
+                        "cache_read_input_tokens": None,
+                    },
+                },
+            ),
+        ]
+    )
+    assert acc.usage["input_tokens"] == 400
+    assert acc.usage["output_tokens"] == 9
+    assert acc.usage["cache_read_input_tokens"] == 5  # None means "not reported": kept
+    assert acc.stop_reason == "end_turn"
+    assert not acc.saw_stop  # no message_stop: the caller treats the stream as cut
+
+
+def test_tool_input_that_is_not_json_is_an_error_like_the_sdks() -> None:
+    acc = MessageAccumulator()
+    acc.add(START)
+    acc.add(
+        {
+            "type": "content_block_start",
+            "index": 0,
+            "content_block": {"type": "tool_use", "id": "t", "name": "n", "input": {}},
+        }
+    )
+    acc.add(
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": '{"a": '},
+        }
+    )
+    with pytest.raises(ValueError, match="tool parameter JSON"):
+        acc.add({"type": "content_block_stop", "index": 0})
+
+
+def test_events_before_message_start_and_bad_indexes_are_ignored() -> None:
+    acc = MessageAccumulator()
+    acc.add(
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x"}}
+    )
+    acc.add(START)
+    acc.add(
+        {"type": "content_block_delta", "index": 7, "delta": {"type": "text_delta", "text": "x"}}
+    )
+    assert acc.content == []
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 100_000])
+def test_sse_frames_survive_any_split_and_crlf(size: int) -> None:
+    wire = b"".join(_sse(name, data) for name, data in TOOL_STREAM).replace(b"\n", b"\r\n")
+    wire = b": comment\r\n\r\n" + wire
+    frames = SSEFrames()
+    out: list[tuple[str | None, bytes]] = []
+    for i in range(0, len(wire), size):
+        out.extend(frames.feed(wire[i : i + size]))
+    named = [(n, json.loads(d)) for n, d in out if n is not None]
+    assert named == [(name, data) for name, data in TOOL_STREAM]
+    assert out[0] == (None, b"")  # the comment frame: no event name, skipped by the reader
+
+
+def test_multi_line_data_is_joined_with_newlines() -> None:
+    frames = SSEFrames()
+    assert frames.feed(b'event: x\ndata: {"a":\ndata: 1}\n\n') == [("x", b'{"a":\n1}')]
+
+
+class _FakeResponse:
+    """The parts of the SDK's streaming response that MessageStream reads."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.status_code = 200
+        self.headers = httpx2.Headers({"anthropic-ratelimit-requests-remaining": "9"})
+        self.http_response = httpx2.Response(
+            200, request=httpx2.Request("POST", "http://127.0.0.1/v1/messages")
+        )
+
+    async def iter_bytes(self) -> Any:
+        for i in range(0, len(self._body), 5):
+            yield self._body[i : i + 5]
+
+
+async def test_an_error_event_raises_the_sdks_status_error() -> None:
+    body = _sse("message_start", START) + _sse(
+        "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    )
+    stream = MessageStream(_FakeResponse(body))
+    seen = []
+    with pytest.raises(anthropic.APIStatusError) as info:
+        async for event in stream.events():
+            seen.append(event["type"])
+    assert seen == ["message_start"]
+    assert info.value.status_code == 200
+    assert info.value.body == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "Overloaded"},
+    }
+
+
+async def test_the_reader_skips_pings_and_yields_unknown_events() -> None:
+    body = b"".join(_sse(name, data) for name, data in TOOL_STREAM)
+    stream = MessageStream(_FakeResponse(body))
+    kinds = [event["type"] async for event in stream.events()]
+    assert "ping" not in kinds
+    assert "future_event" in kinds
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert stream.accumulated.saw_stop
+    assert stream.headers["anthropic-ratelimit-requests-remaining"] == "9"
