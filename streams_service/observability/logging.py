@@ -121,6 +121,10 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
 )
 
+# A fragment of every match of _PATTERNS, lower-cased: "bearer", "basic", "eyj" (a JWT),
+# the token prefixes, "@" (URL credentials) and "=" (secrets in a query string).
+_PATTERN_MARKERS = ("bearer", "basic", "eyj", "sk-", "cho_", "phc_", "phx_", "@", "=")
+
 
 _URL_CREDENTIALS = re.compile(r"://([^:/@\s]*)(?::([^@/\s]*))?@")
 
@@ -141,8 +145,12 @@ class Redactor:
         self._exact = re.compile("|".join(re.escape(s) for s in known)) if known else None
 
     def text(self, value: str) -> str:
-        for pattern, replacement in _PATTERNS:
-            value = pattern.sub(replacement, value)
+        # Every log line's every string comes through here (an access line per request): the
+        # six patterns run only on strings holding a fragment one of them needs.
+        lowered = value.lower()
+        if any(marker in lowered for marker in _PATTERN_MARKERS):
+            for pattern, replacement in _PATTERNS:
+                value = pattern.sub(replacement, value)
         if self._exact is not None:
             value = self._exact.sub(REDACTED, value)
         return value

@@ -19,7 +19,7 @@ import structlog
 
 from streams_service.config import Settings
 from streams_service.llm import tools as tool_registry
-from streams_service.observability.logging import configure_logging
+from streams_service.observability.logging import Redactor, configure_logging
 from tests.access.conftest import SECRET, AuthApp, bearer
 from tests.sessions.conftest import AppFactory
 from tests.support import ServerProcess
@@ -301,3 +301,28 @@ def test_a_served_process_writes_only_json_lines_without_secrets(
     assert [(s["request_id"], s["session_id"], s["user_id"]) for s in sends] == [
         ("served-1", sid, "local")
     ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "kept"),
+    [
+        ("Authorization: BEARER abcdefghijkl", "Authorization: BEARER "),
+        ("Basic dXNlcjpwYXNzd29yZA==", "Basic "),
+        ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln here", "jwt "),
+        ("key sk-ant-api03-ABCDEFGHIJKLMNOP", "key "),
+        ("token cho_ABCDEFGHIJKLMNOPQR", "token "),
+        ("phc_ABCDEFGHIJKLMNOPQR", ""),
+        ("redis://:hunter22@cache:6379/0", "redis://:"),
+        ("/v1/x?Key=abcdef&y=2", "/v1/x?Key="),
+    ],
+)
+def test_every_credential_shape_is_scrubbed_whatever_its_case(raw: str, kept: str) -> None:
+    # The patterns run only when a marker fragment is present: none of them may slip past it.
+    out = Redactor().text(raw)
+    assert "[redacted]" in out
+    assert out.startswith(kept)
+
+
+def test_plain_strings_pass_through_unchanged() -> None:
+    for plain in ("GET /v1/sessions/3f2c HTTP/1.1", "200", "generation_finished", ""):
+        assert Redactor().text(plain) == plain
