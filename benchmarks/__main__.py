@@ -21,12 +21,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import history, loadgen, report, servers, sessions
+from benchmarks import gateway, history, loadgen, plots, report, servers, sessions
 from benchmarks.scenarios import RUNNERS, SCENARIOS, Config
 
 # Protocol scenarios run against both servers; the chat-session ones against ours only.
-OURS_ONLY = sessions.SCENARIOS + history.SCENARIOS
-OURS_ONLY_RUNNERS = {**sessions.RUNNERS, **history.RUNNERS}
+OURS_ONLY = sessions.SCENARIOS + gateway.SCENARIOS + history.SCENARIOS
+OURS_ONLY_RUNNERS = {**sessions.RUNNERS, **gateway.RUNNERS, **history.RUNNERS}
 ALL_SCENARIOS = SCENARIOS + OURS_ONLY
 
 
@@ -187,12 +187,16 @@ def _summary_line(scenario: str, res: dict[str, Any]) -> str:
             f"{res['readers']} ({'ok' if res['ok'] else 'FAIL'})"
         )
     if scenario == "ttft":
-        d, s, o = res["direct_ttft_ms"], res["service_ttft_ms"], res["overhead_ms"]
+        d, s, o = res["steady_direct_ttft_ms"], res["steady_service_ttft_ms"], res["overhead_ms"]
+        b = res["burst_overhead_ms"]
         return (
-            f"TTFT direct p50 {d.get('p50')} / p99 {d.get('p99')} ms, via service p50 "
+            f"steady: TTFT direct p50 {d.get('p50')} / p99 {d.get('p99')} ms, via service p50 "
             f"{s.get('p50')} / p99 {s.get('p99')} ms; overhead p50 {o.get('p50')} / p99 "
-            f"{o.get('p99')} ms; {res['errors']} errors"
+            f"{o.get('p99')} ms; burst overhead p50 {b.get('p50')} / p99 {b.get('p99')} ms; "
+            f"{res['errors']} errors"
         )
+    if scenario == "gateway":
+        return gateway.summary_line(res)
     if scenario == "scale":
         lag = res["lag_ms"]
         return (
@@ -287,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["total_wall_s"] = round(time.monotonic() - started, 1)
+    if not args.no_doc:  # the charts live beside the document, so --no-doc skips both
+        results["plots"] = plots.render(results, plots.OUT_DIR)
     path = report.write_json(results)
     print(f"results: {path.relative_to(servers.REPO)} (total {results['total_wall_s']} s)")
     if not args.no_doc:

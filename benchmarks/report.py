@@ -146,7 +146,7 @@ METRICS = [
     ),
     Metric(
         "ttft",
-        "TTFT overhead via service p50 (50 sessions)",
+        "TTFT overhead via service p50 (50 sessions, steady)",
         _dig("overhead_ms", "p50"),
         "ms",
         False,
@@ -154,15 +154,47 @@ METRICS = [
     ),
     Metric(
         "ttft",
-        "TTFT overhead via service p99 (50 sessions)",
+        "TTFT overhead via service p99 (50 sessions, steady)",
         _dig("overhead_ms", "p99"),
         "ms",
         False,
         20,
     ),
-    Metric("ttft", "TTFT direct to simulator p50", _dig("direct_ttft_ms", "p50"), "ms", False),
-    Metric("ttft", "TTFT through service p50", _dig("service_ttft_ms", "p50"), "ms", False),
-    Metric("ttft", "TTFT through service p99", _dig("service_ttft_ms", "p99"), "ms", False),
+    Metric(
+        "ttft",
+        "TTFT direct to simulator p50 (steady)",
+        _dig("steady_direct_ttft_ms", "p50"),
+        "ms",
+        False,
+    ),
+    Metric(
+        "ttft",
+        "TTFT through service p50 (steady)",
+        _dig("steady_service_ttft_ms", "p50"),
+        "ms",
+        False,
+    ),
+    Metric(
+        "ttft",
+        "TTFT through service p99 (steady)",
+        _dig("steady_service_ttft_ms", "p99"),
+        "ms",
+        False,
+    ),
+    Metric(
+        "ttft",
+        "TTFT overhead p50, burst of 50 simultaneous sends",
+        _dig("burst_overhead_ms", "p50"),
+        "ms",
+        False,
+    ),
+    Metric(
+        "ttft",
+        "TTFT overhead p99, burst of 50 simultaneous sends",
+        _dig("burst_overhead_ms", "p99"),
+        "ms",
+        False,
+    ),
     Metric(
         "scale",
         "concurrent generating sessions reached",
@@ -293,9 +325,12 @@ def _check_text(scenario: str, res: dict[str, Any] | None) -> str:
         )
     if scenario == "ttft":
         return (
-            f"{'pass' if res['ok'] else '**FAIL**'}: {res['direct_samples']} direct and "
-            f"{res['service_samples']} through-service first tokens, {res['errors']} errors"
+            f"{'pass' if res['ok'] else '**FAIL**'}: steady {res['steady_direct_samples']} direct "
+            f"and {res['steady_service_samples']} through-service first tokens; burst "
+            f"{res['direct_samples']} and {res['service_samples']}; {res['errors']} errors"
         )
+    if scenario == "gateway":
+        return gateway_check_text(res)
     if scenario == "scale":
         steps = ", ".join(
             f"{s['sessions']}: {s['finished']}/{s['sessions']} finished, {s['errors']} errors"
@@ -402,6 +437,7 @@ def markdown(results: dict[str, Any]) -> str:
             else:
                 cells.append(_check_text(scenario, _scenario(results, name, scenario)))
         lines.append(f"| {scenario} | {cells[0]} | {cells[1]} |")
+    lines += gateway_markdown(results)
     lines += ["", "**Where we stand:**", ""]
     if not ran["ours"]:
         lines.append(
@@ -416,6 +452,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append("- **Ours misses its targets on:** " + "; ".join(missed) + ".")
         if met:
             lines.append("- Targets met: " + ", ".join(met) + ".")
+        lines += gateway_standing(_scenario(results, "ours", "gateway"))
     failed = [
         f"{name}/{scenario}"
         for name, srv in results["servers"].items()
@@ -437,7 +474,212 @@ def markdown(results: dict[str, Any]) -> str:
             + ", ".join(busy)
             + "."
         )
+    lines += plots_markdown(results)
     return "\n".join(lines)
+
+
+# --- Gateway comparison and charts (benchmarks/gateway.py, benchmarks/plots.py) --------------
+
+# A gateway TTFT within this much of another's counts as on par: 1% of the direct TTFT at that
+# percentile, and never less than 2 ms (rounds of a few dozen samples move by about that much).
+GATEWAY_PAR_FRACTION = 0.01
+GATEWAY_PAR_MIN_MS = 2.0
+GATEWAY_PERCENTILES = ("p50", "p99")
+
+
+def gateway_compare(ours: float, peer: float, direct: float) -> str:
+    """'ahead' / 'on par' / 'behind' for our TTFT against a peer gateway's (lower is better)."""
+    tolerance = max(GATEWAY_PAR_MIN_MS, GATEWAY_PAR_FRACTION * direct)
+    if ours > peer + tolerance:
+        return "behind"
+    if ours < peer - tolerance:
+        return "ahead"
+    return "on par"
+
+
+def _ttft(level: dict[str, Any], path: str, pct: str) -> float | None:
+    value = level["paths"].get(path, {}).get("ttft_ms", {}).get(pct)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def gateway_check_text(res: dict[str, Any]) -> str:
+    counts = ", ".join(
+        f"c={level['concurrency']}: "
+        + " / ".join(f"{p} {entry['samples']}" for p, entry in level["paths"].items())
+        for level in res["levels"]
+    )
+    litellm = res["litellm"]
+    peer = (
+        f"LiteLLM {litellm['version']} streamed the same named events "
+        f"({'yes' if litellm.get('same_events_as_direct') else '**no**'}) and forwarded the same "
+        f"prompt ({'yes' if litellm.get('same_input_tokens_as_direct') else '**no**'})"
+        if litellm.get("status") == "ok"
+        else f"**LiteLLM not measured: {litellm.get('status')}**"
+    )
+    return (
+        f"{'pass' if res['ok'] else '**FAIL**'}: first tokens {counts}; {res['errors']} errors; "
+        + peer
+    )
+
+
+def gateway_standing(res: dict[str, Any] | None) -> list[str]:
+    """The gateway comparison's 'where we stand' bullets."""
+    if res is None:
+        return []
+    if res["litellm"].get("status") != "ok":
+        return [
+            "- **Not compared with LiteLLM's proxy in this run:** "
+            f"{res['litellm'].get('status')} (see the gateway section)."
+        ]
+    behind, ahead = [], []
+    for level in res["levels"]:
+        for pct in GATEWAY_PERCENTILES:
+            ours, peer = _ttft(level, "ours", pct), _ttft(level, "litellm", pct)
+            direct = _ttft(level, "direct", pct)
+            if ours is None or peer is None or direct is None:
+                continue
+            where = (
+                f"TTFT {pct} at {level['concurrency']} concurrent: "
+                f"ours {ours:,.1f} ms vs {peer:,.1f} ms"
+            )
+            standing = gateway_compare(ours, peer, direct)
+            if standing == "behind":
+                behind.append(where)
+            elif standing == "ahead":
+                ahead.append(where)
+    lines = []
+    if behind:
+        lines.append("- **We are behind LiteLLM's proxy on:** " + "; ".join(behind) + ".")
+    else:
+        lines.append("- We are not behind LiteLLM's proxy on any gateway TTFT measured here.")
+    if ahead:
+        lines.append("- Ahead of LiteLLM's proxy on: " + "; ".join(ahead) + ".")
+    return lines
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.1f} ms"
+
+
+def _div(value: float | None, direct: float | None) -> float | None:
+    # From the percentiles themselves: the JSON's rounded ratios would be rounded twice here.
+    return value / direct if value is not None and direct else None
+
+
+def _times(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}{TIMES}"
+
+
+def gateway_markdown(results: dict[str, Any]) -> list[str]:
+    """The gateway comparison: TTFT per path and concurrency, ratios to direct, the setup."""
+    res = _scenario(results, "ours", "gateway")
+    if res is None:
+        return []
+    litellm = res["litellm"]
+    sim = res["simulator"]
+    measured = litellm.get("status") == "ok"
+    lines = [
+        "",
+        "**Gateway overhead: time to first token, direct vs LiteLLM's proxy vs our service:**",
+        "",
+        f"One simulator ({sim['ttft_ms']} ms to first event, {sim['tokens_per_s']} tokens/s, "
+        "a thinking block before the text) behind all three paths. TTFT is the time to the first "
+        f"text delta. Direct and LiteLLM: {res['client']}, the request our service sends "
+        "upstream (its system prompt, tool specs, adaptive thinking). Ours: POST the message to a "
+        "session whose stream already has a live SSE reader; TTFT ends at the reader's first "
+        "`TEXT_MESSAGE_CONTENT`. Rounds per concurrency: "
+        + ", ".join(f"{n}: {r}" for n, r in res["rounds"].items())
+        + "; every request of a round starts at once.",
+        "",
+    ]
+    if measured:
+        lines.append(
+            f"LiteLLM `litellm[proxy]=={litellm['version']}` in its own virtualenv, one worker "
+            "(its default; ours is one process too), Anthropic-format "
+            f"`{litellm['endpoint']}` with this config (it refuses to start without a master key; "
+            "ours runs without authentication here; the simulator's port varies per run):"
+        )
+        lines += ["", "```yaml", litellm.get("config", "").rstrip("\n"), "```", ""]
+    else:
+        reason = str(litellm.get("reason", "")).strip().replace("\n", " ")[:600]
+        lines += [
+            f"**LiteLLM `litellm[proxy]=={litellm['version']}` was not measured: "
+            f"{litellm.get('status')}.** {reason}",
+            "",
+        ]
+    lines += [
+        "| Concurrency | Percentile | Direct | LiteLLM | LiteLLM ÷ direct | Ours | Ours ÷ direct "
+        "| Ours vs LiteLLM |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for level in res["levels"]:
+        for pct in GATEWAY_PERCENTILES:
+            direct = _ttft(level, "direct", pct)
+            peer, ours = _ttft(level, "litellm", pct), _ttft(level, "ours", pct)
+            standing = (
+                gateway_compare(ours, peer, direct)
+                if ours is not None and peer is not None and direct is not None
+                else "—"
+            )
+            lines.append(
+                f"| {level['concurrency']} | {pct} | {_ms(direct)} | {_ms(peer)} | "
+                f"{_times(_div(peer, direct))} | {_ms(ours)} | {_times(_div(ours, direct))} | "
+                f"{'**behind**' if standing == 'behind' else standing} |"
+            )
+    errors = {
+        f"{path} at {level['concurrency']}": entry["error_kinds"]
+        for level in res["levels"]
+        for path, entry in level["paths"].items()
+        if entry.get("errors")
+    }
+    lines += [
+        "",
+        f"Ours vs LiteLLM: within {GATEWAY_PAR_FRACTION:.0%} of the direct TTFT (at least "
+        f"{GATEWAY_PAR_MIN_MS:g} ms) counts as on par.",
+    ]
+    resources = res.get("resources", {})
+    if resources:
+        lines.append(
+            "Gateway processes after the run: "
+            + "; ".join(
+                f"{name}: RSS {r['rss_mb']:,.0f} MB, "
+                f"{r['cpu_ms_per_request']:.1f} ms CPU per request"
+                for name, r in resources.items()
+            )
+            + " (ours also creates the session, stores every event and asks for a title)."
+        )
+    other = {
+        level["concurrency"]: level["other_cpu_cores"]
+        for level in res["levels"]
+        if isinstance(level.get("other_cpu_cores"), int | float)
+    }
+    if other:
+        noisy = any(cores > BUSY_CORES for cores in other.values())
+        lines.append(
+            ("**" if noisy else "")
+            + "CPU used by work outside this scenario while each level ran: "
+            + ", ".join(f"{n} concurrent: {cores:g} cores" for n, cores in other.items())
+            + (" — these figures are noisy.**" if noisy else ".")
+        )
+    if errors:
+        lines.append("Errors: " + json.dumps(errors)[:600])
+    return lines
+
+
+def plots_markdown(results: dict[str, Any]) -> list[str]:
+    """Links to the charts drawn from this run (benchmarks/plots.py), relative to docs/."""
+    names = results.get("plots") or []
+    if not names:
+        return []
+    titles = {
+        "gateway_ttft.png": "Gateway TTFT: direct vs LiteLLM vs ours",
+        "scale.png": "Scale steps: delivery lag and RSS",
+        "streams.png": "Append throughput and long-poll latency, ours vs reference",
+    }
+    lines = ["", "**Charts (drawn from this run by `benchmarks/plots.py`):**", ""]
+    for name in names:
+        lines += [f"![{titles.get(name, name)}](bench/{name})", ""]
+    return lines[:-1]
 
 
 _DOC_TEMPLATE = """# Benchmarks

@@ -10,7 +10,7 @@ upstream, the simulator's pace), so each runner starts its own servers from a wo
   gateway's overhead. The direct call sends what the service sends for the default model
   (claude-sonnet-5-5): the same system prompt, tool specs, `thinking: {"type": "adaptive"}`
   and `max_tokens`, so the simulator streams the same thinking block before the text.
-- `scale`: our service with its built-in simulator (200 ms, 50 tokens/s); N sessions each
+- `scale`: our service pointed at a standalone simulator (200 ms, 50 tokens/s); N sessions each
   answer `[[tokens:150]]` at once, each with one live SSE reader; the delivery lag of every
   TEXT_MESSAGE_CONTENT event is its receive time minus its `timestamp` (same machine, same
   clock; it includes the service's delta coalescing window). N steps 50, 100, 200, 500.
@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import threading
@@ -47,13 +48,15 @@ Result = dict[str, Any]
 MODEL = "claude-sonnet-5-5"  # the service's default model
 API_KEY = "sk-bench"
 TTFT_CONCURRENCY = 50
-TTFT_ROUNDS = 4
+TTFT_ROUNDS = 4  # burst rounds
+TTFT_LOOP_S = 20.0  # measured seconds of the steady (closed-loop) run, per path
+TTFT_THINK_S = (0.2, 1.0)  # a session's pause between an answer and its next message
 TTFT_TOKENS = 20
 TTFT_SIM_TTFT_MS = 200
 TTFT_SIM_TOKENS_PER_S = 100
 TTFT_TARGET_P50_MS = 5.0
 TTFT_TARGET_P99_MS = 20.0
-SCALE_STEPS = (50, 100, 200, 500)
+SCALE_STEPS = (50, 100, 150, 200, 300, 400, 500)
 SCALE_TOKENS = 150
 SCALE_SIM_TTFT_MS = 200
 SCALE_SIM_TOKENS_PER_S = 50
@@ -417,6 +420,136 @@ async def _service_round(
         await _close(sessions)
 
 
+class _RunReader(_SessionReader):
+    """A live reader that stays open across many generations of its session and notes, per
+    run (generation id), when its first text arrived and when it ended."""
+
+    def __init__(self, host: str, port: int, path: str, offset: str) -> None:
+        super().__init__(host, port, path, offset)
+        self.first_text_at_run: dict[str, float] = {}
+        self.ended: dict[str, asyncio.Event] = {}
+        self.run_errors: dict[str, str] = {}
+        self._run: str | None = None
+
+    def ended_event(self, run_id: str) -> asyncio.Event:
+        return self.ended.setdefault(run_id, asyncio.Event())
+
+    def _on_records(self, records: Any, now_ms: float, now_perf: float) -> None:
+        for record in records if isinstance(records, list) else []:
+            value = record.get("value") if isinstance(record, dict) else None
+            if record.get("type") != "chunk" or not isinstance(value, dict):
+                continue
+            try:
+                event = json.loads(value.get("chunk", ""))
+            except ValueError:
+                continue
+            kind = event.get("type") if isinstance(event, dict) else None
+            if kind == "RUN_STARTED":
+                self._run = str(event.get("runId"))
+            elif kind == "TEXT_MESSAGE_CONTENT" and self._run is not None:
+                self.first_text_at_run.setdefault(self._run, now_perf)
+            elif kind in ("RUN_FINISHED", "RUN_ERROR") and isinstance(event.get("runId"), str):
+                if kind == "RUN_ERROR":
+                    self.run_errors[event["runId"]] = str(event.get("error") or event)[:200]
+                self.ended_event(event["runId"]).set()
+
+
+async def _direct_loop(
+    sim_url: str, n: int, params: dict[str, Any], seconds: float
+) -> tuple[list[float], list[str]]:
+    """n concurrent callers, each asking again a moment after its answer ends, for `seconds`."""
+    import anthropic
+
+    client = anthropic.AsyncAnthropic(base_url=sim_url, api_key=API_KEY, max_retries=0)
+    samples: list[float] = []
+    errors: list[str] = []
+    end = time.perf_counter() + seconds
+
+    async def caller(i: int) -> None:
+        rng = random.Random(i)
+        await asyncio.sleep(rng.uniform(0, TTFT_THINK_S[1]))  # arrivals spread from the start
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            ttft: float | None = None
+            try:
+                async with client.messages.stream(**params) as stream:
+                    async for _text in stream.text_stream:
+                        if ttft is None:
+                            ttft = (time.perf_counter() - t0) * 1000
+                if ttft is None:
+                    errors.append("stream ended without text")
+                else:
+                    samples.append(ttft)
+            except Exception as exc:  # any SDK failure is a finding, not a crash
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+            await asyncio.sleep(rng.uniform(*TTFT_THINK_S))
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(n))), seconds + 60)
+    finally:
+        await client.close()
+    return samples, errors
+
+
+async def _service_loop(
+    client: httpx.AsyncClient, server: Server, n: int, seconds: float
+) -> tuple[list[float], list[str]]:
+    """The same closed loop through the service: n sessions, each with one live reader that
+    stays open; TTFT is the reader's first text of the run minus the POST's start."""
+    host = server.base_url.split("//", 1)[1].split(":")[0]
+    port = int(server.base_url.rsplit(":", 1)[1])
+    opened = await _open_sessions(client, server, n)
+    sessions: list[tuple[_Session, _RunReader]] = []
+    for s in opened:  # swap each one-shot reader for a long-lived one at the same offset
+        assert s.reader is not None
+        s.reader.close()
+        reader = _RunReader(host, port, s.stream_path, s.reader.offset)
+        s.reader, s.task = reader, asyncio.create_task(reader.run())
+        sessions.append((s, reader))
+    await asyncio.wait_for(asyncio.gather(*(r.opened.wait() for _, r in sessions)), 60)
+    samples: list[float] = []
+    errors: list[str] = []
+    end = time.perf_counter() + seconds
+    text = f"hi [[tokens:{TTFT_TOKENS}]]"
+
+    async def user(i: int, session: _Session, reader: _RunReader) -> None:
+        rng = random.Random(i)
+        await asyncio.sleep(rng.uniform(0, TTFT_THINK_S[1]))
+        while time.perf_counter() < end and reader.error is None:
+            t0 = time.perf_counter()
+            try:
+                resp = await client.post(
+                    f"{server.base_url}/v1/sessions/{session.id}/messages", json={"content": text}
+                )
+            except httpx.HTTPError as exc:
+                errors.append(f"POST message {exc!r}"[:200])
+                break
+            if resp.status_code != 202:
+                errors.append(f"POST message {resp.status_code}: {resp.text[:160]}")
+                break
+            run = str(resp.json()["generation_id"])
+            try:
+                await asyncio.wait_for(reader.ended_event(run).wait(), 30)
+            except TimeoutError:
+                errors.append("run not finished within 30 s")
+                break
+            if run in reader.run_errors:
+                errors.append(f"RUN_ERROR {reader.run_errors[run]}")
+            elif run in reader.first_text_at_run:
+                samples.append((reader.first_text_at_run[run] - t0) * 1000)
+            else:
+                errors.append("run ended without text")
+            await asyncio.sleep(rng.uniform(*TTFT_THINK_S))
+        if reader.error is not None:
+            errors.append(f"reader {reader.error}")
+
+    try:
+        await asyncio.gather(*(user(i, s, r) for i, (s, r) in enumerate(sessions)))
+    finally:
+        await _close([s for s, _ in sessions])
+    return samples, errors
+
+
 async def _guarded(what: str, round_: Callable[[], Any], errors: list[str]) -> list[float]:
     """Run one round; a failure is recorded as an error of this round, not the scenario's end."""
     try:
@@ -448,10 +581,31 @@ async def _ttft(server: Server, sim: _Simulator) -> Result:
                 "service", lambda: _service_round(client, server, TTFT_CONCURRENCY), errors
             )
             await asyncio.sleep(1.0)
+        # The steady run: the same 50 sessions' worth of load, arriving as people do.
+        steady_direct = await _guarded(
+            "direct steady",
+            lambda: _direct_loop(sim.base_url, TTFT_CONCURRENCY, params, TTFT_LOOP_S),
+            errors,
+        )
+        await asyncio.sleep(1.0)
+        steady_service = await _guarded(
+            "service steady",
+            lambda: _service_loop(client, server, TTFT_CONCURRENCY, TTFT_LOOP_S),
+            errors,
+        )
     d, s = percentiles(direct), percentiles(service)
-    overhead = {p: round(s[p] - d[p], 3) for p in ("p50", "p90", "p99") if p in d and p in s}
+    burst_overhead = {p: round(s[p] - d[p], 3) for p in ("p50", "p90", "p99") if p in d and p in s}
+    sd, ss = percentiles(steady_direct), percentiles(steady_service)
+    overhead = {p: round(ss[p] - sd[p], 3) for p in ("p50", "p90", "p99") if p in sd and p in ss}
     return {
         "concurrency": TTFT_CONCURRENCY,
+        "steady_seconds": TTFT_LOOP_S,
+        "think_s": list(TTFT_THINK_S),
+        "steady_direct_ttft_ms": sd,
+        "steady_service_ttft_ms": ss,
+        "steady_direct_samples": len(steady_direct),
+        "steady_service_samples": len(steady_service),
+        "burst_overhead_ms": burst_overhead,
         "rounds": TTFT_ROUNDS,
         "simulator": {"ttft_ms": TTFT_SIM_TTFT_MS, "tokens_per_s": TTFT_SIM_TOKENS_PER_S},
         "direct_params": {k: v for k, v in params.items() if k not in ("system", "tools")}
@@ -465,7 +619,7 @@ async def _ttft(server: Server, sim: _Simulator) -> Result:
         "errors": len(errors),
         "error_kinds": _summarize_errors(errors),
         "warmup_errors": _summarize_errors(warmup),
-        "ok": not errors and bool(direct) and bool(service),
+        "ok": not errors and bool(steady_direct) and bool(steady_service),
     }
 
 
@@ -613,16 +767,21 @@ async def _scale(server: Server) -> Result:
 
 
 def scale(workdir: Path, cfg: Config) -> Result:
-    env: dict[str, str | None] = {
-        "ANTHROPIC_API_KEY": "",  # empty (not unset) also overrides any key in .env
-        "SIMULATOR_TTFT_MS": str(SCALE_SIM_TTFT_MS),
-        "SIMULATOR_TOKENS_PER_S": str(SCALE_SIM_TOKENS_PER_S),
-    }
-    with _ours(workdir, **env) as server:
+    # Claude is a separate process, as in production: the simulator's own work (25,000 SSE
+    # events a second at 500 sessions) must not be charged to the service's event loop.
+    with contextlib.ExitStack() as stack:
+        sim = stack.enter_context(_simulator(workdir, SCALE_SIM_TTFT_MS, SCALE_SIM_TOKENS_PER_S))
+        server = stack.enter_context(
+            _ours(workdir, ANTHROPIC_API_KEY=API_KEY, ANTHROPIC_BASE_URL=sim.base_url)
+        )
         try:
             return asyncio.run(_scale(server))
         except Exception:
-            return {"error": traceback.format_exc(limit=3), "server_log_tail": server.log_tail()}
+            return {
+                "error": traceback.format_exc(limit=3),
+                "server_log_tail": server.log_tail(),
+                "simulator_log_tail": sim.log_tail(),
+            }
 
 
 RUNNERS: dict[str, Callable[[Path, Config], Result]] = {"ttft": ttft, "scale": scale}
