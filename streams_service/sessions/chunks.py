@@ -77,8 +77,12 @@ class ChunkWriter:
                 await self._timed_flush
         await self.flush()
 
-    async def emit(self, event: dict[str, Any], *, flush: bool = False) -> None:
-        """Queue an event. Deltas wait to be merged; anything else is written with them at once."""
+    async def emit(
+        self, event: dict[str, Any], *, flush: bool = False, defer: bool = False
+    ) -> None:
+        """Queue an event. Deltas wait to be merged; anything else is written with them at once,
+        unless `defer`: an opening event whose first delta follows at once goes out with it
+        (one write, not two, before the first token shows)."""
         merge = _MERGEABLE.get(event["type"])
         last = self._pending[-1] if self._pending else None
         if merge is not None:
@@ -99,6 +103,11 @@ class ChunkWriter:
                 await self.flush()
             return
         self._pending.append(dict(event))
+        if defer:
+            if self._pending_since is None:
+                self._pending_since = time.monotonic()
+                self._arm()
+            return
         await self.flush()
 
     async def flush(self) -> None:

@@ -379,7 +379,8 @@ class _Runner:
                 if not self.text_open:
                     self.text_open = True
                     await self.writer.emit(
-                        records.event("TEXT_MESSAGE_START", messageId=mid, role="assistant")
+                        records.event("TEXT_MESSAGE_START", messageId=mid, role="assistant"),
+                        defer=True,
                     )
                 # Text after a tool call starts a new paragraph of the same message.
                 lead = "\n\n" if any(p.kind == "text" for p in self.parts) else ""
@@ -395,7 +396,7 @@ class _Runner:
                     _Part("thinking", {"type": "thinking", "content": "", "step": step})
                 )
                 await self.writer.emit(
-                    records.event("STEP_STARTED", stepId=step, stepType="thinking")
+                    records.event("STEP_STARTED", stepId=step, stepType="thinking"), defer=True
                 )
             elif btype == "tool_use":
                 self.parts.append(

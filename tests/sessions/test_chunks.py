@@ -1,0 +1,98 @@
+"""ChunkWriter on the real store (SQLite and Postgres): how AG-UI events become stream appends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from streams_service.app import Services
+from streams_service.durable.model import CreateRequest
+from streams_service.sessions import records
+from streams_service.sessions.chunks import ChunkWriter
+
+
+async def _events(client: httpx.AsyncClient, path: str) -> list[list[dict[str, Any]]]:
+    """The chunk events of each append, in order (one inner list per append)."""
+    response = await client.get(f"/v1/stream/{path}", params={"offset": "-1"})
+    assert response.status_code == 200
+    return [[json.loads(row["value"]["chunk"])] for row in response.json()]
+
+
+async def _writer(app: FastAPI, interval_s: float = 0.05) -> tuple[str, ChunkWriter]:
+    """A fresh stream (the database outlives one test) and a writer onto it."""
+    services: Services = app.state.services
+    path = f"sessions/chunks-{uuid.uuid4()}"
+    await services.store.create(path, CreateRequest(content_type="application/json"))
+    writer = ChunkWriter(
+        services.store, path, message_id="m1", producer_id="gen-test", flush_interval_s=interval_s
+    )
+    return path, writer
+
+
+async def test_deltas_merge_and_an_opening_event_rides_with_the_first_delta(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    path, writer = await _writer(app, interval_s=10.0)  # nothing goes out by the timer here
+    async with writer:
+        await writer.emit(records.event("TEXT_MESSAGE_START", messageId="m1"), defer=True)
+        assert writer.appends == 0  # deferred: waits for its first delta
+        await writer.emit(
+            records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="Hel"), flush=True
+        )
+        assert writer.appends == 1  # the opening event and the first words: one write
+        for piece in ("lo", ", ", "world"):
+            await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta=piece))
+        assert writer.appends == 1  # merged and pending
+        await writer.emit(records.event("TEXT_MESSAGE_END", messageId="m1"))
+        assert writer.appends == 2  # a structural event writes what is pending with it
+    rows = [e[0] for e in await _events(client, path)]
+    assert [(r["type"], r.get("delta")) for r in rows] == [
+        ("TEXT_MESSAGE_START", None),
+        ("TEXT_MESSAGE_CONTENT", "Hel"),
+        ("TEXT_MESSAGE_CONTENT", "lo, world"),
+        ("TEXT_MESSAGE_END", None),
+    ]
+
+
+async def test_pending_deltas_go_out_by_the_timer_and_idle_costs_nothing(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    path, writer = await _writer(app, interval_s=0.05)
+    async with writer:
+        await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="a"))
+        await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="b"))
+        assert writer.appends == 0
+        for _ in range(100):  # bounded wait for the timer's write
+            if writer.appends:
+                break
+            await asyncio.sleep(0.02)
+        assert writer.appends == 1
+        await asyncio.sleep(0.2)  # idle: no timer armed, no further writes
+        assert writer.appends == 1
+        # A deferred opening event with no delta after it is written by the timer too.
+        await writer.emit(records.event("STEP_STARTED", stepId="s1"), defer=True)
+        for _ in range(100):
+            if writer.appends == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert writer.appends == 2
+    rows = [e[0] for e in await _events(client, path)]
+    assert [(r["type"], r.get("delta")) for r in rows] == [
+        ("TEXT_MESSAGE_CONTENT", "ab"),
+        ("STEP_STARTED", None),
+    ]
+
+
+async def test_leaving_the_writer_flushes_what_is_pending(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    path, writer = await _writer(app, interval_s=10.0)
+    async with writer:
+        await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="tail"))
+    assert writer.appends == 1
+    assert [e[0].get("delta") for e in await _events(client, path)] == ["tail"]
