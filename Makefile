@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 CONSOLE_PORT ?= 8501
 
-.PHONY: install run serve test lint typecheck bench clean node
+.PHONY: install run serve test lint typecheck bench chaos clean node
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ typecheck: install
 bench: install node
 	bash scripts/ensure-services.sh
 	$(BIN)/python -m benchmarks
+
+# Fault injection against a real service (docs/RELIABILITY.md); restarts the local Postgres.
+chaos: install
+	bash scripts/ensure-services.sh
+	$(BIN)/python -m chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) conformance/node_modules .data .pytest_cache .mypy_cache .ruff_cache

@@ -3,6 +3,9 @@ set (so every replica counts against one limit), in memory otherwise.
 
 Redis down fails OPEN: a request is let through and a warning logged. Limits protect the service
 from abuse; refusing every staff member because a cache is down would be the bigger outage.
+A Redis that stops answering (a partition, a frozen host) costs at most one short timeout every
+few seconds, not one per request: after a failure the limits are skipped for a moment
+(`make chaos`, scenario `redis`, measures both; docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ AUTH_FAILURE = "auth_failure"
 SCOPES = {SESSION_CREATE: "user", MESSAGE_SEND: "session", AUTH_FAILURE: "client address"}
 # Keys remembered per limit for "current window use" (the busiest recent ones matter).
 RECENT_KEYS = 200
+# redis-py waits 5 s per command by default: with a Redis that does not answer, every send and
+# session create would take 5 s longer. A remote Redis (Upstash) answers in milliseconds.
+STORAGE_TIMEOUT_S = 0.5
+# After a storage failure the limits fail open without asking Redis for this long, so an outage
+# costs one timeout per period rather than one per request.
+STORAGE_RETRY_AFTER_S = 2.0
 
 
 class RateLimited(TooManyRequests):
@@ -78,6 +87,8 @@ class RateLimiter:
         if settings.redis_url:
             # redis-py (already a dependency) rather than limits' default coredis client.
             options["implementation"] = "redispy"
+            options["socket_timeout"] = STORAGE_TIMEOUT_S
+            options["socket_connect_timeout"] = STORAGE_TIMEOUT_S
         storage = storage_from_string(uri, **options)
         assert isinstance(storage, Storage)
         self.storage = storage
@@ -88,6 +99,14 @@ class RateLimiter:
         self._recent: dict[str, OrderedDict[str, str | None]] = {
             name: OrderedDict() for name in self.limits
         }
+        self._storage_down_until = 0.0  # time.monotonic(); see STORAGE_RETRY_AFTER_S
+
+    def _storage_down(self) -> bool:
+        return time.monotonic() < self._storage_down_until
+
+    def _storage_failed(self, name: str, exc: Exception) -> None:
+        self._storage_down_until = time.monotonic() + STORAGE_RETRY_AFTER_S
+        log.warning("rate_limit_storage_unavailable", limit=name, error=type(exc).__name__)
 
     async def hit(
         self,
@@ -103,10 +122,12 @@ class RateLimiter:
         Inside an open write transaction pass `record=False` and `record_rejection` the error
         after it has rolled back: on SQLite a second writer would wait for the first."""
         info = self.limits[name]
+        if self._storage_down():
+            return
         try:
             allowed = await self.strategy.hit(info.item, name, key)
         except Exception as exc:
-            log.warning("rate_limit_storage_unavailable", limit=name, error=type(exc).__name__)
+            self._storage_failed(name, exc)
             return
         recent = self._recent[name]
         recent[key] = user_id
@@ -137,10 +158,12 @@ class RateLimiter:
     async def blocked(self, name: str, key: str) -> dict[str, str] | None:
         """The 429 headers if `key` has no room left under `name`, without counting a hit."""
         info = self.limits[name]
+        if self._storage_down():
+            return None
         try:
             room = await self.strategy.test(info.item, name, key)
         except Exception as exc:
-            log.warning("rate_limit_storage_unavailable", limit=name, error=type(exc).__name__)
+            self._storage_failed(name, exc)
             return None
         return None if room else await self._headers(info, key)
 
