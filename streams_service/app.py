@@ -32,8 +32,10 @@ from streams_service.durable.live import LiveHub, PostgresListener
 from streams_service.durable.routes import PREFIX, StreamRoutes
 from streams_service.durable.store import StreamStore
 from streams_service.errors import (
+    DATABASE_UNAVAILABLE,
     AppError,
     app_error_handler,
+    database_unavailable_handler,
     document_errors,
     http_exception_handler,
     validation_error_handler,
@@ -308,6 +310,8 @@ def create_app(settings: Settings, *, handle_signals: bool = False) -> FastAPI:
     app.add_exception_handler(AppError, app_error_handler)
     app.add_exception_handler(HTTPException, http_exception_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    for database_error in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(database_error, database_unavailable_handler)
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             app.openapi_schema = document_errors(FastAPI.openapi(app))

@@ -6,10 +6,14 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
+import structlog
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy import exc as sqlalchemy_exc
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+log = structlog.get_logger(__name__)
 
 
 class AppError(Exception):
@@ -102,6 +106,31 @@ async def http_exception_handler(_request: Request, exc: Exception) -> Response:
         {"error": code, "detail": str(exc.detail)},
         status_code=exc.status_code,
         headers=dict(exc.headers or {}),
+    )
+
+
+# Database failures that mean "not now" rather than "never": the server went away, refused the
+# connection, or the pool had none to give. Answered 503 with Retry-After, like the stream store.
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    sqlalchemy_exc.OperationalError,
+    sqlalchemy_exc.InterfaceError,
+    sqlalchemy_exc.TimeoutError,
+)
+
+
+async def database_unavailable_handler(_request: Request, exc: Exception) -> Response:
+    # The type and SQLSTATE only: a driver message can quote a statement's parameters.
+    orig = getattr(exc, "orig", None)
+    log.warning(
+        "database_unavailable",
+        error=type(orig or exc).__name__,
+        sqlstate=getattr(orig, "sqlstate", None),
+    )
+    return error_response(
+        ServiceUnavailable(
+            "the database is unavailable; nothing was changed, retry shortly",
+            headers={"Retry-After": "1"},
+        )
     )
 
 

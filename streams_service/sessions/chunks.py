@@ -21,9 +21,14 @@ import structlog
 from streams_service.durable.model import AppendRequest, Producer
 from streams_service.durable.offsets import format_offset
 from streams_service.durable.store import StreamStore
+from streams_service.errors import ServiceUnavailable
 from streams_service.sessions import records
 
 log = structlog.get_logger(__name__)
+
+# How long a write that failed because the database is unavailable keeps being retried: long
+# enough to ride out a restart or a failover, short enough that a dead database ends the answer.
+STORAGE_RETRY_S = 30.0
 
 # Delta events that merge with an immediately preceding event of the same kind and target.
 _MERGEABLE = {
@@ -44,6 +49,7 @@ class ChunkWriter:
         actor_id: str = "claude",
         flush_interval_s: float = 0.04,
         flush_chars: int = 300,
+        retry_for_s: float = STORAGE_RETRY_S,
     ) -> None:
         self._store = store
         self._path = stream_path
@@ -52,6 +58,7 @@ class ChunkWriter:
         self._actor_id = actor_id
         self._interval = flush_interval_s
         self._flush_chars = flush_chars
+        self._retry_for_s = retry_for_s
         self._pending: list[dict[str, Any]] = []
         self._pending_chars = 0
         self._pending_since: float | None = None
@@ -146,10 +153,22 @@ class ChunkWriter:
 
     async def _append(self, body: bytes) -> None:
         producer = Producer(self._producer_id, 0, self._producer_seq)
-        outcome = await self._store.append(
-            self._path,
-            AppendRequest(body=body, content_type="application/json", producer=producer),
-        )
+        request = AppendRequest(body=body, content_type="application/json", producer=producer)
+        deadline = time.monotonic() + self._retry_for_s
+        delay = 0.1
+        while True:
+            try:
+                outcome = await self._store.append(self._path, request)
+                break
+            except ServiceUnavailable:
+                # The database restarting or failing over must not end the answer: the same
+                # batch under the same producer seq is retried until it lands (a first attempt
+                # that did commit is recognised as a duplicate), for a bounded time.
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("chunk_append_retry", stream=self._path, delay_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
         self._producer_seq += 1
         self.appends += 1
         if outcome.next_offset_pos is not None:

@@ -28,6 +28,7 @@ from db.models import ChatMessage, ChatSession, Generation
 from streams_service.config import Settings
 from streams_service.durable.model import AppendRequest
 from streams_service.durable.store import StreamStore
+from streams_service.errors import DATABASE_UNAVAILABLE
 from streams_service.llm import tools as tool_registry
 from streams_service.llm.models import ModelInfo, Usage, cost_usd, round_usd
 from streams_service.llm.stream import MessageAccumulator, stream_message
@@ -35,7 +36,7 @@ from streams_service.observability.telemetry import Telemetry
 from streams_service.ops.error_events import generation_error
 from streams_service.sessions import records
 from streams_service.sessions import repository as repo
-from streams_service.sessions.chunks import ChunkWriter
+from streams_service.sessions.chunks import STORAGE_RETRY_S, ChunkWriter
 
 log = structlog.get_logger(__name__)
 
@@ -621,10 +622,7 @@ class _Runner:
                     error=type(error).__name__,
                 )
         elif finish == "interrupted":
-            code, message = (
-                "interrupted",
-                "The service restarted during this answer; it is kept as far as it got.",
-            )
+            code, message = "interrupted", INTERRUPTED_MESSAGE
         if (
             not self.usage_calls
             and error is None
@@ -699,9 +697,14 @@ class _Runner:
         message: str | None,
         usage: Usage,
         stream_offset: str | None,
+        *,
+        retry_until: float | None = None,
+        retry_delay: float = 0.1,
     ) -> bool:
         spec = self.spec
         now = datetime.now(UTC)
+        if retry_until is None:
+            retry_until = time.monotonic() + STORAGE_RETRY_S
         parts = [_public_part(p) for p in self.parts]
         text = "".join(p.data["content"] for p in self.parts if p.kind == "text")
         cost = round_usd(self.cost)
@@ -778,6 +781,31 @@ class _Runner:
                         updated_at=now,
                     )
                 )
+        except DATABASE_UNAVAILABLE as exc:
+            # One transaction: it landed whole or not at all. Retried while the database comes
+            # back (a restart, a failover), after checking that a COMMIT whose answer was lost
+            # did not land already.
+            if time.monotonic() + retry_delay > retry_until:
+                log.error(
+                    "generation_persist_failed",
+                    generation_id=spec.generation_id,
+                    error=type(exc).__name__,
+                )
+                return False
+            log.warning("generation_persist_retry", generation_id=spec.generation_id)
+            await asyncio.sleep(retry_delay)
+            if await self._persisted():
+                return True
+            return await self._persist(
+                status,
+                finish,
+                code,
+                message,
+                usage,
+                stream_offset,
+                retry_until=retry_until,
+                retry_delay=min(retry_delay * 2, 2.0),
+            )
         except Exception as exc:
             log.error(
                 "generation_persist_failed",
@@ -786,6 +814,15 @@ class _Runner:
             )
             return False
         return True
+
+    async def _persisted(self) -> bool:
+        """Whether this generation's row is already closed (an earlier attempt committed)."""
+        try:
+            async with self.m.sessionmaker() as db:
+                row = await repo.get_generation(db, self.spec.generation_id)
+        except DATABASE_UNAVAILABLE:
+            return False
+        return row is not None and row.status != "running"
 
 
 def _thinking_param(model: ModelInfo, max_tokens: int) -> dict[str, Any] | None:
@@ -830,6 +867,38 @@ async def cancel_quietly(task: asyncio.Task[Any] | None) -> None:
         await task
 
 
+INTERRUPTED_MESSAGE = "The service restarted during this answer; it is kept as far as it got."
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    status: str  # generations.status
+    message_status: str  # chat_messages.status
+    finish: str | None = None
+    code: str | None = None
+    message: str | None = None
+
+
+def _recovered_outcome(terminal: dict[str, Any] | None) -> _Outcome:
+    """How a generation left running by a dead process is closed: as its terminal event on the
+    stream says when it got that far (it died between that write and saving the answer),
+    otherwise as interrupted, the same status a drain gives the runs it cannot wait for."""
+    if terminal is None:
+        return _Outcome(
+            "interrupted", "interrupted", code="interrupted", message=INTERRUPTED_MESSAGE
+        )
+    if terminal.get("type") == "RUN_ERROR":
+        raw = terminal.get("error")
+        error: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        code = str(error.get("code") or "internal")
+        status = "interrupted" if code == "interrupted" else "error"
+        return _Outcome(status, status, code=code, message=str(error.get("message") or "")[:300])
+    finish = str(terminal.get("finishReason") or "stop")
+    if finish in ("stop", "length", "content_filter", "tool_calls"):
+        return _Outcome("completed", "complete", finish=finish)
+    return _Outcome(finish, "stopped", finish=finish)  # stopped, budget
+
+
 async def recover_interrupted(
     sessionmaker: async_sessionmaker[AsyncSession], store: StreamStore, manager: GenerationManager
 ) -> int:
@@ -847,8 +916,8 @@ async def recover_interrupted(
     closed = 0
     for gen in leftovers:
         path = f"sessions/{gen.session_id}"
-        text = await _partial_text(store, path, gen.message_id)
-        message = "The service restarted during this answer; it is kept as far as it got."
+        text, terminal = await _partial_text(store, path, gen.message_id, gen.id)
+        outcome = _recovered_outcome(terminal)
         async with sessionmaker.begin() as db:
             # Conditional, so that when several replicas recover at once each generation is
             # closed (and its message saved, its RUN_ERROR written) exactly once.
@@ -856,23 +925,28 @@ async def recover_interrupted(
                 update(Generation)
                 .where(Generation.id == gen.id, Generation.status == "running")
                 .values(
-                    status="error", error_code="interrupted", error_message=message, finished_at=now
+                    status=outcome.status,
+                    finish_reason=outcome.finish,
+                    error_code=outcome.code,
+                    error_message=outcome.message,
+                    finished_at=now,
                 )
                 .execution_options(synchronize_session=False)
             )
             if getattr(claimed, "rowcount", 0) != 1:
                 continue
-            db.add(
-                generation_error(
-                    at=now,
-                    code="interrupted",
-                    message=message,
-                    session_id=gen.session_id,
-                    generation_id=gen.id,
-                    user_id=gen.user_id,
-                    model=gen.model,
+            if outcome.code is not None:
+                db.add(
+                    generation_error(
+                        at=now,
+                        code=outcome.code,
+                        message=outcome.message,
+                        session_id=gen.session_id,
+                        generation_id=gen.id,
+                        user_id=gen.user_id,
+                        model=gen.model,
+                    )
                 )
-            )
             db.add(
                 ChatMessage(
                     session_id=gen.session_id,
@@ -881,7 +955,7 @@ async def recover_interrupted(
                     role="assistant",
                     content=text,
                     parts=[{"type": "text", "content": text}] if text else [],
-                    status="interrupted",
+                    status=outcome.message_status,
                     generation_id=gen.id,
                     created_at=now,
                 )
@@ -892,8 +966,13 @@ async def recover_interrupted(
                 .where(ChatSession.id == gen.session_id)
                 .values(message_count=ChatSession.message_count + 1, updated_at=now)
             )
+        if terminal is not None:
+            # Readers already saw how this run ended: the record now says the same, and
+            # nothing more goes on the stream (a second terminal event would contradict it).
+            closed += 1
+            continue
         error = records.event(
-            "RUN_ERROR", runId=gen.id, error={"message": message, "code": "interrupted"}
+            "RUN_ERROR", runId=gen.id, error={"message": INTERRUPTED_MESSAGE, "code": "interrupted"}
         )
         row = records.chunk_record(
             message_id=gen.message_id,
@@ -915,9 +994,13 @@ async def recover_interrupted(
     return closed
 
 
-async def _partial_text(store: StreamStore, path: str, message_id: str) -> str:
-    """The text a generation had streamed before it died, rebuilt from its stream records."""
+async def _partial_text(
+    store: StreamStore, path: str, message_id: str, run_id: str
+) -> tuple[str, dict[str, Any] | None]:
+    """The text a generation had streamed before it died, rebuilt from its stream records, and
+    its terminal event (RUN_FINISHED or RUN_ERROR) if that had been written already."""
     pieces: list[str] = []
+    terminal: dict[str, Any] | None = None
     position = 0
     try:
         while True:
@@ -928,11 +1011,14 @@ async def _partial_text(store: StreamStore, path: str, message_id: str) -> str:
                     if not isinstance(value, dict) or value.get("messageId") != message_id:
                         continue
                     chunk = json.loads(value.get("chunk", "{}"))
-                    if chunk.get("type") == "TEXT_MESSAGE_CONTENT":
+                    kind = chunk.get("type")
+                    if kind == "TEXT_MESSAGE_CONTENT":
                         pieces.append(chunk.get("delta", ""))
+                    elif kind in ("RUN_FINISHED", "RUN_ERROR") and chunk.get("runId") == run_id:
+                        terminal = chunk
             position = result.next_pos
             if result.up_to_date:
                 break
     except Exception as exc:
         log.warning("partial_text_unavailable", error=type(exc).__name__)
-    return "".join(pieces)
+    return "".join(pieces), terminal
