@@ -226,6 +226,46 @@ class Generation(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+# The generation columns the usage rollup aggregates. Migration 0006's triggers mark an hour
+# stale when one of them changes; a column added to the rollup must be added to them too.
+USAGE_ROLLED_UP = ["started_at", "model", *USAGE_SUMMED, "ttft_ms"]
+
+
+class UsageRollup(Base):
+    """One closed UTC hour of one model's generations, summed (streams_service/ops/rollup.py).
+
+    Exact: `ttfts` holds every TTFT of the hour (sorted, 32-bit little-endian), so percentiles
+    over any set of hours are the same numbers the generation rows give. An hour is only read
+    from here while no `usage_rollup_dirty` row names it."""
+
+    __tablename__ = "usage_rollup"
+
+    hour: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    generations: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    cache_read_tokens: Mapped[int] = mapped_column(BigInteger)
+    # 5-minute and 1-hour cache writes together, as GET /v1/usage reports them.
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger)
+    # Whole micro-dollars: exact on SQLite too, where NUMERIC is a float.
+    cost_micro_usd: Mapped[int] = mapped_column(BigInteger)
+    ttfts: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class UsageRollupDirty(Base):
+    """An hour whose generation rows changed since it was rolled up (or never was). Written by
+    triggers on `generations` in the same transaction as the change; removed by the sweeper
+    once it has rebuilt the hour. One row per writing statement: never updated in place, so
+    writers never wait on each other for it."""
+
+    __tablename__ = "usage_rollup_dirty"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    hour: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
 class User(Base):
     """A member of staff. Provisioned on first sight from the console's JWT or by the CLI."""
 

@@ -46,6 +46,7 @@ from streams_service.middleware import RequestContextMiddleware, SecurityHeaders
 from streams_service.observability.metrics import Metrics
 from streams_service.observability.metrics import router as metrics_router
 from streams_service.observability.telemetry import Telemetry, running_telemetry
+from streams_service.ops.rollup import sweep_forever as usage_rollup_sweep_forever
 from streams_service.ops.routes import router as ops_router
 from streams_service.sessions import repository as session_repo
 from streams_service.sessions.control import CHANNEL as CONTROL_CHANNEL
@@ -202,6 +203,9 @@ async def _start_services(
     stack.push_async_callback(
         _cancel, asyncio.create_task(retention_sweep_forever(sessions, settings))
     )
+    stack.push_async_callback(
+        _cancel, asyncio.create_task(usage_rollup_sweep_forever(sessionmaker))
+    )
     access = AccessService(settings, sessionmaker, auth)
     pools = {"read": read_engine, "app": app_engine}
     telemetry.metrics.watch(generations=generations, hub=hub, store=store, pools=pools)
@@ -312,6 +316,7 @@ def create_app(settings: Settings, *, handle_signals: bool = False) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     for database_error in DATABASE_UNAVAILABLE:
         app.add_exception_handler(database_error, database_unavailable_handler)
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             app.openapi_schema = document_errors(FastAPI.openapi(app))
