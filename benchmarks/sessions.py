@@ -503,6 +503,10 @@ async def _service_loop(
     for s in opened:  # swap each one-shot reader for a long-lived one at the same offset
         assert s.reader is not None
         s.reader.close()
+        if s.task is not None:
+            s.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await s.task
         reader = _RunReader(host, port, s.stream_path, s.reader.offset)
         s.reader, s.task = reader, asyncio.create_task(reader.run())
         sessions.append((s, reader))

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     # many characters, so a busy stream costs a few writes per second, not one per token.
     stream_flush_interval_ms: int = Field(default=40, ge=1)
     stream_flush_chars: int = Field(default=300, ge=1)
+    # Under load the interval stretches: it holds up to 100 concurrent generations in one
+    # process, then grows with their number (200 → 2x) up to this ceiling, so the process's
+    # total write rate stays bounded instead of queueing every reader behind the writes.
+    stream_flush_max_interval_ms: int = Field(default=150, ge=1)
     # On shutdown, running generations get this long to finish; the rest end as interrupted.
     drain_timeout_s: float = Field(default=25.0, ge=0)
     # Sessions untouched for this many seconds end by themselves, as POST /end ends them
@@ -108,9 +112,7 @@ class Settings(BaseSettings):
     # disabling reaches other replicas within this many seconds (this process: at once).
     auth_cache_s: float = Field(default=10.0, ge=0, le=300)
 
-    @field_validator(
-        "rate_limit_session_create", "rate_limit_messages", "rate_limit_auth_failures"
-    )
+    @field_validator("rate_limit_session_create", "rate_limit_messages", "rate_limit_auth_failures")
     @classmethod
     def _rate_limit(cls, value: str) -> str:
         try:

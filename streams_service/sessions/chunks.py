@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -50,6 +51,7 @@ class ChunkWriter:
         flush_interval_s: float = 0.04,
         flush_chars: int = 300,
         retry_for_s: float = STORAGE_RETRY_S,
+        pace: Callable[[], float] | None = None,
     ) -> None:
         self._store = store
         self._path = stream_path
@@ -59,6 +61,8 @@ class ChunkWriter:
         self._interval = flush_interval_s
         self._flush_chars = flush_chars
         self._retry_for_s = retry_for_s
+        # Called when a batch starts: the interval to use now (it stretches under load).
+        self._pace = pace
         self._pending: list[dict[str, Any]] = []
         self._pending_chars = 0
         self._pending_since: float | None = None
@@ -176,7 +180,8 @@ class ChunkWriter:
 
     def _arm(self) -> None:
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._interval, self._on_timer)
+            interval = self._pace() if self._pace is not None else self._interval
+            self._timer = asyncio.get_running_loop().call_later(interval, self._on_timer)
 
     def _disarm(self) -> None:
         if self._timer is not None:

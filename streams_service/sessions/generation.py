@@ -94,6 +94,18 @@ class _Part:
     data: dict[str, Any]
 
 
+# Concurrent generations the base flush interval holds for; beyond it the interval grows in
+# proportion, keeping the process's write rate near (this many / base interval) per second.
+FLUSH_BASE_GENERATIONS = 100
+
+
+def flush_interval_s(running: int, base_ms: int, max_ms: int) -> float:
+    """The coalescing interval for `running` concurrent generations: the base up to
+    FLUSH_BASE_GENERATIONS, then proportionally longer, capped at `max_ms`."""
+    stretched = base_ms * running / FLUSH_BASE_GENERATIONS
+    return min(max(base_ms, max_ms), max(base_ms, stretched)) / 1000
+
+
 def classify_error(exc: BaseException) -> tuple[str, str]:
     """(code, message) of a failed generation, in the codes the UI can explain."""
     if isinstance(exc, anthropic.RateLimitError):
@@ -156,6 +168,14 @@ class GenerationManager:
         # Set once a drain has run out of time: a generation a racing send starts after that
         # ends at once as interrupted (it is saved and closed like the others).
         self.interrupting = False
+
+    def flush_interval_s(self) -> float:
+        """How long a generation's deltas may wait to be written, given how many run here."""
+        return flush_interval_s(
+            len(self.running),
+            self.settings.stream_flush_interval_ms,
+            self.settings.stream_flush_max_interval_ms,
+        )
 
     def start(self, spec: GenerationSpec) -> Handle:
         handle = Handle(spec)
@@ -256,6 +276,7 @@ class _Runner:
             producer_id=f"gen-{spec.generation_id}",
             flush_interval_s=self.settings.stream_flush_interval_ms / 1000,
             flush_chars=self.settings.stream_flush_chars,
+            pace=self.m.flush_interval_s,
         ) as writer:
             self.writer = writer
             await writer.emit(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ from streams_service.app import Services
 from streams_service.durable.model import CreateRequest
 from streams_service.sessions import records
 from streams_service.sessions.chunks import ChunkWriter
+from streams_service.sessions.generation import flush_interval_s
 
 
 async def _events(client: httpx.AsyncClient, path: str) -> list[list[dict[str, Any]]]:
@@ -23,13 +25,20 @@ async def _events(client: httpx.AsyncClient, path: str) -> list[list[dict[str, A
     return [[json.loads(row["value"]["chunk"])] for row in response.json()]
 
 
-async def _writer(app: FastAPI, interval_s: float = 0.05) -> tuple[str, ChunkWriter]:
+async def _writer(
+    app: FastAPI, interval_s: float = 0.05, pace: Callable[[], float] | None = None
+) -> tuple[str, ChunkWriter]:
     """A fresh stream (the database outlives one test) and a writer onto it."""
     services: Services = app.state.services
     path = f"sessions/chunks-{uuid.uuid4()}"
     await services.store.create(path, CreateRequest(content_type="application/json"))
     writer = ChunkWriter(
-        services.store, path, message_id="m1", producer_id="gen-test", flush_interval_s=interval_s
+        services.store,
+        path,
+        message_id="m1",
+        producer_id="gen-test",
+        flush_interval_s=interval_s,
+        pace=pace,
     )
     return path, writer
 
@@ -96,3 +105,33 @@ async def test_leaving_the_writer_flushes_what_is_pending(
         await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="tail"))
     assert writer.appends == 1
     assert [e[0].get("delta") for e in await _events(client, path)] == ["tail"]
+
+
+def test_the_flush_interval_stretches_with_the_number_of_generations() -> None:
+    assert flush_interval_s(0, 40, 150) == 0.04
+    assert flush_interval_s(100, 40, 150) == 0.04
+    assert flush_interval_s(200, 40, 150) == 0.08
+    assert flush_interval_s(300, 40, 150) == 0.12
+    assert flush_interval_s(5_000, 40, 150) == 0.15
+    assert flush_interval_s(5_000, 40, 10) == 0.04  # a ceiling below the base leaves the base
+
+
+async def test_the_writer_asks_its_pace_for_each_batch(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    asked: list[int] = []
+
+    def pace() -> float:  # what GenerationManager passes: its load-dependent interval
+        asked.append(1)
+        return 0.02
+
+    path, writer = await _writer(app, interval_s=10.0, pace=pace)
+    async with writer:
+        await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="x"))
+        for _ in range(100):
+            if writer.appends:
+                break
+            await asyncio.sleep(0.02)
+        assert writer.appends == 1  # by the pace's 20 ms, not the 10 s interval
+    assert asked == [1]
+    assert [e[0].get("delta") for e in await _events(client, path)] == ["x"]
