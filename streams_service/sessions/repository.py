@@ -47,18 +47,28 @@ async def next_ordinal(db: AsyncSession, session_id: str) -> int:
 
 
 async def claim_generation(
-    db: AsyncSession, session_id: str, generation_id: str, reserve: Decimal, now: datetime
+    db: AsyncSession,
+    session_id: str,
+    generation_id: str,
+    reserve: Decimal,
+    now: datetime,
+    *,
+    count_message: bool = False,
 ) -> bool:
     """Atomically make `generation_id` the session's one active generation, reserving its
-    estimated cost. False when another generation is already running."""
+    estimated cost (and counting the user message it answers, when it adds one). False when
+    another generation is already running."""
+    values: dict[str, Any] = {
+        "active_generation_id": generation_id,
+        "reserved_usd": ChatSession.reserved_usd + reserve,
+        "updated_at": now,
+    }
+    if count_message:
+        values["message_count"] = ChatSession.message_count + 1
     result = await db.execute(
         update(ChatSession)
         .where(ChatSession.id == session_id, ChatSession.active_generation_id.is_(None))
-        .values(
-            active_generation_id=generation_id,
-            reserved_usd=ChatSession.reserved_usd + reserve,
-            updated_at=now,
-        )
+        .values(**values)
         .execution_options(synchronize_session=False)
     )
     return bool(getattr(result, "rowcount", 0) == 1)

@@ -116,9 +116,7 @@ class SessionService:
                 return False, self.session_out(existing)
         if not who.is_system:
             # Counted only when a session is really made: an idempotent repeat is free.
-            await self.limiter.hit(
-                SESSION_CREATE, who.user_id or who.email, user_id=who.user_id
-            )
+            await self.limiter.hit(SESSION_CREATE, who.user_id or who.email, user_id=who.user_id)
         # The stream first (idempotent), so a session row never exists without its stream.
         await self.store.create(stream_path(sid), CreateRequest(content_type="application/json"))
         now = datetime.now(UTC)
@@ -170,6 +168,7 @@ class SessionService:
         need: Access,
         *,
         deleted: bool = False,
+        for_update: bool = False,
     ) -> ChatSession:
         """The session if `who` may `need` it: "read" (owner, ops, admin), "manage" (owner,
         admin: stop, end, rename, delete) or "own" (the owner alone: send, regenerate, approve).
@@ -177,7 +176,7 @@ class SessionService:
         Anything else — another user's session, or a deleted one unless `deleted` — is
         indistinguishable from a missing one (404, never 403).
         """
-        row = await repo.get_session(db, sid)
+        row = await repo.get_session(db, sid, for_update=for_update)
         if row is None or (row.deleted_at is not None) != deleted:
             raise NotFound("no such session")
         allowed = {
@@ -248,7 +247,10 @@ class SessionService:
         assistant_id = f"msg_{uuid.uuid4().hex}"
         generation_id = str(uuid.uuid4())
         async with self.sessionmaker.begin() as db:
-            row = await self._visible(db, sid, who, "own")
+            # The session row stays locked (Postgres) until this commits: a generation that is
+            # finishing saves its answer after we decide, never between our reads, so the
+            # history, ordinals and counts below are the session's latest.
+            row = await self._visible(db, sid, who, "own", for_update=True)
             if body.client_message_id is not None:
                 earlier = await repo.message_by_client_id(db, sid, body.client_message_id)
                 if earlier is not None:
@@ -259,11 +261,19 @@ class SessionService:
                 )
             if row.ended_at is not None:
                 raise Conflict("this session has ended; fork it to continue")
+            claimed = False
             model = model or self.catalog.get(row.model) or self.catalog.default_model
-            history = await self._history(db, sid)
-            history.append({"role": "user", "content": attachments.user_blocks(content, images)})
-            remaining, reserve = await self._budget(db, row, who, model, history, now)
-            claimed = await repo.claim_generation(db, sid, generation_id, reserve, now)
+            if row.active_generation_id is None:
+                messages = await repo.messages_of(db, sid)
+                history = build_history(messages)
+                history.append(
+                    {"role": "user", "content": attachments.user_blocks(content, images)}
+                )
+                remaining, reserve = await self._budget(db, row, who, model, history, now)
+                # Still conditional: SQLite takes no row lock, and a racing send must lose.
+                claimed = await repo.claim_generation(
+                    db, sid, generation_id, reserve, now, count_message=True
+                )
             if not claimed:
                 retry_after = self.generations.finishing(sid)
                 if retry_after is None:
@@ -273,7 +283,7 @@ class SessionService:
                     ChatMessage(
                         session_id=sid,
                         id=message_id,
-                        ordinal=await repo.next_ordinal(db, sid),
+                        ordinal=max((m.ordinal for m in messages), default=0) + 1,
                         role="user",
                         content=content,
                         parts=parts,
@@ -288,8 +298,7 @@ class SessionService:
                         generation_id, sid, user_id, message_id, assistant_id, model, reserve, now
                     )
                 )
-                row.message_count += 1
-                first_exchange = row.message_count == 1 and not row.title
+                first_exchange = row.message_count == 0 and not row.title
         if not claimed:
             # The previous answer has ended on the stream and is only being saved: wait for it
             # (milliseconds) rather than refuse a client that reacted to its end.
@@ -370,9 +379,6 @@ class SessionService:
         )
         assert outcome.next_offset_pos is not None
         return format_offset(outcome.next_offset_pos)
-
-    async def _history(self, db: AsyncSession, sid: str) -> list[dict[str, Any]]:
-        return build_history(await repo.messages_of(db, sid))
 
     async def regenerate(self, session_id: str, who: Principal) -> SendAccepted:
         try:
@@ -653,9 +659,7 @@ class SessionService:
         await self.store.append(stream_path(sid), AppendRequest(body=None, close=True))
         return row
 
-    async def fork(
-        self, session_id: str, at_message_id: str, who: Principal
-    ) -> dict[str, Any]:
+    async def fork(self, session_id: str, at_message_id: str, who: Principal) -> dict[str, Any]:
         user_id = who.user_id
         sid = parse_session_id(session_id)
         async with self.sessionmaker() as db:
@@ -774,8 +778,6 @@ def records_json(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("tool input is not an object")
     return value
-
-
 
 
 def _remaining(row: ChatSession) -> Decimal | None:
