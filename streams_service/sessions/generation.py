@@ -266,6 +266,8 @@ class _Runner:
         self.writer: ChunkWriter | None = None
         self.output_chars = 0
         self.current_input_tokens = 0
+        self._allowance_key: tuple[Decimal, int] | None = None
+        self._allowance = -1
 
     async def run(self) -> None:
         spec = self.spec
@@ -504,15 +506,16 @@ class _Runner:
         remaining = self.spec.budget_remaining
         if remaining is None:
             return
-        # Output so far, estimated from characters (about 4 per token) until usage arrives.
-        estimate = Usage(
-            input_tokens=self.current_input_tokens,
-            output_tokens=self.output_chars // 4,
-            cache_read_tokens=0,
-            cache_write_5m_tokens=0,
-            cache_write_1h_tokens=0,
-        )
-        if self.cost + cost_usd(self.spec.model, estimate) > remaining:
+        # Output so far is estimated from characters (about 4 per token) until usage arrives.
+        # This runs on every delta, so the Decimal arithmetic runs only when the inputs of the
+        # allowance change (a new upstream call), not per token.
+        key = (self.cost, self.current_input_tokens)
+        if key != self._allowance_key:
+            self._allowance_key = key
+            self._allowance = output_allowance(
+                self.spec.model, self.cost, self.current_input_tokens, remaining
+            )
+        if self.output_chars // 4 > self._allowance:
             raise BudgetExceeded()
 
     async def _run_tool(
@@ -853,6 +856,30 @@ def _thinking_param(model: ModelInfo, max_tokens: int) -> dict[str, Any] | None:
     if mode == "enabled" and max_tokens > 1024:
         return {"type": "enabled", "budget_tokens": max(1024, min(4096, max_tokens // 2))}
     return None
+
+
+def output_allowance(model: ModelInfo, cost: Decimal, input_tokens: int, remaining: Decimal) -> int:
+    """The most output tokens a call with this input can reach within the budget, -1 if none:
+    the largest n with cost + cost_usd(input, n) <= remaining (the cost rises with n)."""
+
+    def over(output_tokens: int) -> bool:
+        usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+        return cost + cost_usd(model, usage) > remaining
+
+    if over(0):
+        return -1
+    low, high = 0, 1024
+    while not over(high):
+        if high >= 1 << 40:
+            return high  # effectively unbounded (a free model)
+        low, high = high, high * 2
+    while high - low > 1:  # invariant: not over(low), over(high)
+        middle = (low + high) // 2
+        if over(middle):
+            high = middle
+        else:
+            low = middle
+    return low
 
 
 def _without_nones(block: dict[str, Any]) -> dict[str, Any]:
