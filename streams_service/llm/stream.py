@@ -17,14 +17,19 @@ that ends without `message_stop` is left for the caller to judge (`saw_stop`).
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anthropic
 
 Event = dict[str, Any]
+
+
+class UpstreamStalled(Exception):
+    """Nothing arrived from upstream within the read timeout (the watchdog fired)."""
 
 
 class SSEFrames:
@@ -143,9 +148,28 @@ class MessageStream:
         self.headers: Any = response.headers
         self.accumulated = MessageAccumulator()
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(
+        self, pause: Callable[[], float] | None = None, read_timeout: float | None = None
+    ) -> AsyncIterator[Event]:
+        """The stream's events, in order. With `pause`, each read that had to wait for data is
+        followed by a pause of `pause()` seconds: the events arriving meanwhile queue in the
+        socket and are then taken one after another without waiting, instead of each costing
+        the event loop a wake-up and the HTTP client's whole read path."""
+        loop = asyncio.get_running_loop()
         frames = SSEFrames()
-        async for chunk in self._response.iter_bytes():
+        chunks = self._response.iter_bytes().__aiter__()
+        while True:
+            started = loop.time()
+            try:
+                # Only a read can wait on upstream, so only reads are timed (not every event:
+                # a timeout context per token is measurable at hundreds of streams).
+                async with asyncio.timeout(read_timeout):
+                    chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise UpstreamStalled() from None
+            waited = loop.time() - started > _WAITED_S
             for name, data in frames.feed(chunk):
                 if name is None or name == "ping" or not data:
                     continue  # the SDK's decoder skips these too
@@ -156,6 +180,15 @@ class MessageStream:
                     continue
                 self.accumulated.add(event)
                 yield event
+            if waited and pause is not None:
+                delay = pause()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+
+
+# A read that took longer than this waited for the network (data already buffered is returned
+# within microseconds, or a loop turn when the loop is busy).
+_WAITED_S = 0.002
 
 
 def _stream_error(response: Any, data: bytes) -> anthropic.APIStatusError:

@@ -31,7 +31,7 @@ from streams_service.durable.store import StreamStore
 from streams_service.errors import DATABASE_UNAVAILABLE
 from streams_service.llm import tools as tool_registry
 from streams_service.llm.models import ModelInfo, Usage, cost_usd, round_usd
-from streams_service.llm.stream import MessageAccumulator, stream_message
+from streams_service.llm.stream import MessageAccumulator, UpstreamStalled, stream_message
 from streams_service.observability.telemetry import Telemetry
 from streams_service.ops.error_events import generation_error
 from streams_service.sessions import records
@@ -49,10 +49,6 @@ SYSTEM_PROMPT = (
 
 class UpstreamCut(Exception):
     """The upstream stream ended before `message_stop` (SDK 2.x raises nothing for this)."""
-
-
-class UpstreamStalled(Exception):
-    """Nothing arrived from upstream within the stall timeout (the watchdog fired)."""
 
 
 class BudgetExceeded(Exception):
@@ -366,21 +362,14 @@ class _Runner:
             self.ratelimit = {
                 k: v for k, v in stream.headers.items() if k.startswith(RATELIMIT_PREFIX)
             }
-            iterator = stream.events().__aiter__()
-            while True:
+            # The watchdog: a read that waits longer than `stall` raises UpstreamStalled
+            # (asyncio.timeout inside, not wait_for: it never swallows an outside cancel).
+            async for event in stream.events(self._read_pause, read_timeout=stall):
                 # Checked on every event as well as by cancelling the task: Python 3.11's
                 # wait_for could lose a cancellation that raced a finishing read, so stop
                 # must not rest on the cancellation alone.
                 if self.h.stop_reason is not None:
                     raise asyncio.CancelledError()
-                try:
-                    # asyncio.timeout, not wait_for: it never swallows an outside cancel.
-                    async with asyncio.timeout(stall):
-                        event = await iterator.__anext__()
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise UpstreamStalled() from None
                 if event["type"] == "message_start":
                     self.current_input_tokens = _total_input(stream.accumulated.usage)
                 await self._on_event(event, stream.accumulated)
@@ -495,6 +484,12 @@ class _Runner:
                         input=tool_input,
                     )
                 )
+
+    def _read_pause(self) -> float:
+        """How long upstream events may gather in the socket after a read that waited: none
+        until the first token is out (time to first token), then half the coalescing interval,
+        so an event waits at most that long on top of the interval it waits anyway."""
+        return 0.0 if self.ttft_ms is None else self.m.flush_interval_s() / 2
 
     def _first_token(self) -> bool:
         if self.ttft_ms is None:

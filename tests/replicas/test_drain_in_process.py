@@ -157,6 +157,10 @@ async def test_idle_sessions_are_ended_once_however_many_sweeps_race(
     make_app: AppFactory,
 ) -> None:
     async with make_app(approval_timeout_s=60, drain_timeout_s=0) as (app, client):
+        service = services(app).sessions
+        # The database is shared with earlier tests: end their idle leftovers first, so that
+        # the counts below are this test's sessions alone.
+        await end_idle_sessions(service, 3600)
         long_ago = datetime.now(UTC) - timedelta(hours=2)
         idle = [await new_session(client) for _ in range(4)]
         recent, busy, deleted = [await new_session(client) for _ in range(3)]
@@ -165,7 +169,6 @@ async def test_idle_sessions_are_ended_once_however_many_sweeps_race(
             await _backdate(app, sid, updated_at=long_ago)
         await _backdate(app, deleted, updated_at=long_ago, deleted_at=long_ago)
 
-        service = services(app).sessions
         counts = await asyncio.gather(*(end_idle_sessions(service, 3600) for _ in range(3)))
         assert sum(counts) == len(idle)
         assert await end_idle_sessions(service, 3600) == 0
