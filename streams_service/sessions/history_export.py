@@ -19,6 +19,7 @@ from typing import Any
 from pydantic_core import to_jsonable_python
 
 from db.models import ChatMessage, ChatSession
+from streams_service.access.limits import SESSION_CREATE
 from streams_service.access.principal import Principal
 from streams_service.durable.model import AppendRequest, CreateRequest
 from streams_service.durable.offsets import format_offset
@@ -165,6 +166,9 @@ async def import_document(
 ) -> dict[str, Any]:
     model = sessions.model_or_400(doc.session.model)
     _check(sessions, doc)
+    if not who.is_system:
+        # An import makes a session: it counts against the same limit as creating one.
+        await sessions.limiter.hit(SESSION_CREATE, who.user_id or who.email, user_id=who.user_id)
     sid = str(uuid.uuid4())
     now = datetime.now(UTC)
     budget = None

@@ -174,3 +174,21 @@ def test_two_processes_share_one_limit_through_redis(tmp_path: Path) -> None:
         finally:
             a.stop()
             b.stop()
+
+
+async def test_an_import_counts_as_a_session_create(auth_app: AuthApp) -> None:
+    async with auth_app(rate_limit_session_create="2/minute") as (_app, client, people):
+        made = await _limited_session_creates(client, people.other, 1)
+        assert made[0].status_code == 201
+        sid = made[0].json()["id"]
+        exported = await client.get(
+            f"/v1/sessions/{sid}/export", params={"format": "json"}, headers=bearer(people.other)
+        )
+        assert exported.status_code == 200
+        doc = exported.json()
+        first = await client.post("/v1/sessions/import", json=doc, headers=bearer(people.other))
+        assert first.status_code == 201  # the second session of the window
+        refused = await client.post("/v1/sessions/import", json=doc, headers=bearer(people.other))
+        await _check_429(refused, 2)
+        listed = await client.get("/v1/sessions", headers=bearer(people.other))
+        assert len(listed.json()["items"]) == 2  # the refused import made nothing
