@@ -671,6 +671,9 @@ class SessionService:
         kept = messages[: cut + 1]
         if kept[-1].stream_offset is None:
             raise Conflict("that message is not on the stream yet; try again in a moment")
+        if not who.is_system:
+            # A fork makes a session: it counts against the same limit as creating one.
+            await self.limiter.hit(SESSION_CREATE, who.user_id or who.email, user_id=user_id)
         new_id = str(uuid.uuid4())
         await self.store.create(
             stream_path(new_id),
@@ -712,6 +715,7 @@ class SessionService:
                     )
                 )
         await self._publish_session(fork_row)
+        self.telemetry.session_started(new_id, fork_row.model, user_id)
         return self.session_out(fork_row)
 
 

@@ -95,3 +95,25 @@ def test_without_a_key_nothing_is_captured() -> None:
     analytics = Analytics.from_settings(Settings())
     assert not analytics.enabled
     analytics.session_started("s", "m", "u")  # a no-op, not an error
+
+
+async def test_a_fork_is_a_session_started(make_app: AppFactory) -> None:
+    with CaptureServer(reply=b'{"status": 1}').running() as server:
+        async with make_app(posthog_api_key=API_KEY, posthog_host=server.base_url) as (
+            _app,
+            client,
+        ):
+            sid = await new_session(client)
+            await send(client, sid, "hello [[tokens:3]]")
+            session = await wait_idle(client, sid)
+            forked = await client.post(
+                f"/v1/sessions/{sid}/fork", json={"at_message_id": session["messages"][-1]["id"]}
+            )
+            assert forked.status_code in (200, 201), forked.text
+            fork_id = forked.json()["id"]
+        events = posthog_events(server, API_KEY)
+    started = [ours(e["properties"]) for e in events if e["event"] == "chat_session_started"]
+    assert started == [
+        {"sessionId": sid, "model": session["model"], "userId": "local"},
+        {"sessionId": fork_id, "model": session["model"], "userId": "local"},
+    ]
