@@ -475,27 +475,49 @@ class ServiceClient:
                 page = StreamPage(records, res.offset or offset, res.up_to_date, closed)
         return page
 
+    def poll_stream(self, session_id: str, offset: str, *, timeout: float = 75.0) -> StreamPage:
+        """One long-poll round from `offset`: the records after it as soon as there are any
+        (or none when the service's wait runs out), then control comes back.
+
+        The protocol client's own live iteration hides its 204s and, at the tail of a closed
+        stream (a 204 with `Stream-Closed: true`), asks again at once forever; a bounded round
+        lets the caller see `closed` and resume from its own offset after any failure."""
+        with self._stream_errors():
+            try:
+                res = durable_streams.stream(
+                    self.stream_url(session_id),
+                    offset=offset,
+                    # Catch-up mode ends at the first up-to-date answer; the `live` parameter
+                    # makes the service hold that answer until there is something new.
+                    live=False,
+                    params={"live": "long-poll"},
+                    headers=dict(self.headers()),
+                    client=self._http,
+                    timeout=timeout,
+                )
+                with res:
+                    records: list[dict[str, Any]] = []
+                    for event in res.iter_events(mode="json_batches"):
+                        records.extend(r for r in event.data if isinstance(r, dict))
+                    closed = str(res.headers.get("stream-closed", "")).lower() == "true"
+                    return StreamPage(records, res.offset or offset, res.up_to_date, closed)
+            except httpx.TimeoutException:
+                # Nothing arrived within our wait: the same as the service's empty answer.
+                return StreamPage([], offset, True, False)
+
     def follow_stream(
         self, session_id: str, offset: str, *, timeout: float = 60.0
     ) -> Iterator[StreamPage]:
-        """Catch up from `offset`, then follow live with long-polls, page by page, until the
-        stream closes. For code that may block (CLI, tests); never inside a Streamlit tick."""
-        with self._stream_errors():
-            res = durable_streams.stream(
-                self.stream_url(session_id),
-                offset=offset,
-                live="long-poll",
-                headers=dict(self.headers()),
-                client=self._http,
-                timeout=timeout,
-            )
-            with res:
-                for event in res.iter_events(mode="json_batches"):
-                    closed = str(res.headers.get("stream-closed", "")).lower() == "true"
-                    rows = [r for r in event.data if isinstance(r, dict)]
-                    yield StreamPage(rows, event.next_offset, event.up_to_date, closed)
-                    if closed:
-                        return
+        """Catch up from `offset`, then follow live with long-poll rounds, page by page, until
+        the stream closes (the page that says so is yielded too). For code that may block
+        (CLI, tests); never inside a Streamlit tick."""
+        while True:
+            page = self.poll_stream(session_id, offset, timeout=timeout)
+            offset = page.next_offset
+            if page.records or page.closed:
+                yield page
+            if page.closed:
+                return
 
     @contextlib.contextmanager
     def _stream_errors(self) -> Iterator[None]:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 from collections.abc import Iterator
-from typing import Any
 
-import durable_streams
 import httpx
 
 from console.client import (
@@ -32,35 +30,13 @@ TRANSIENT_STATUSES = frozenset({0, 408, 425, 429, 500, 502, 503, 504})
 
 
 class CliClient(ServiceClient):
-    def poll_stream(self, session_id: str, offset: str) -> StreamPage:
-        """One long-poll round from `offset`: the records after it as soon as there are any
-        (or none when the service's wait runs out), then control comes back.
+    """The console's client with the CLI's timeouts: a long-poll round outlasts the
+    service's own wait, so an idle round ends with the service's empty answer."""
 
-        The protocol client's own live iteration hides its 204s and, at the tail of a closed
-        stream, asks again at once forever; a bounded round lets the caller see `closed`,
-        check on the session and resume from its own offset after any failure."""
-        with self._stream_errors():
-            try:
-                res = durable_streams.stream(
-                    self.stream_url(session_id),
-                    offset=offset,
-                    # Catch-up mode ends at the first up-to-date answer; the `live` parameter
-                    # makes the service hold that answer until there is something new.
-                    live=False,
-                    params={"live": "long-poll"},
-                    headers=dict(self.headers()),
-                    client=self._http,
-                    timeout=POLL_TIMEOUT_S,
-                )
-                with res:
-                    records: list[dict[str, Any]] = []
-                    for event in res.iter_events(mode="json_batches"):
-                        records.extend(r for r in event.data if isinstance(r, dict))
-                    closed = str(res.headers.get("stream-closed", "")).lower() == "true"
-                    return StreamPage(records, res.offset or offset, res.up_to_date, closed)
-            except httpx.TimeoutException:
-                # Nothing arrived within our wait: the same as the service's empty answer.
-                return StreamPage([], offset, True, False)
+    def poll_stream(
+        self, session_id: str, offset: str, *, timeout: float = POLL_TIMEOUT_S
+    ) -> StreamPage:
+        return super().poll_stream(session_id, offset, timeout=timeout)
 
 
 @contextlib.contextmanager

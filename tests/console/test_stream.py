@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 from typing import Any
 
@@ -81,6 +82,33 @@ def test_long_poll_follow_equals_the_stored_messages(
     api.post(f"/v1/sessions/{session_id}/end").raise_for_status()
     assert sum(follower.follow(client, timeout=30)) >= 1
     assert follower.closed and follower.transcript.session["endedAt"]
+
+
+def test_following_at_the_tail_ends_when_the_stream_closes_later(
+    service: ServerProcess, api: httpx.Client
+) -> None:
+    """The close comes in its own write after the last record: the follower, waiting at the
+    tail, gets the record, then a 204 that says closed. It must stop there, not ask again at
+    once forever (the protocol client's own live loop does, hiding 204s)."""
+    client = client_for(service)
+    session_id = new_session(api)
+    tail = api.head(f"/v1/stream/sessions/{session_id}").headers["stream-next-offset"]
+    pages: list[StreamPage] = []
+    done = threading.Event()
+
+    def follow() -> None:
+        for page in client.follow_stream(session_id, tail, timeout=10):
+            pages.append(page)
+        done.set()
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    time.sleep(0.5)  # the follower is waiting at the tail
+    api.post(f"/v1/sessions/{session_id}/end").raise_for_status()
+    assert done.wait(15), "following did not stop after the stream closed"
+    assert pages[-1].closed
+    records = [r for p in pages for r in p.records]
+    assert any(r.get("type") == "session" for r in records)  # the ended session's record
 
 
 # ---------------------------------------------------------------------------------- pure
