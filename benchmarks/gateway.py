@@ -182,16 +182,8 @@ def litellm_config(sim_url: str) -> str:
 
 
 @dataclass
-class _Proxy:
-    base_url: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+class _Proxy(_Simulator):
+    """The LiteLLM proxy process: the simulator's handle, plus what we measure of it."""
 
     def rss_bytes(self) -> int:
         return sum(servers._vm_rss(pid) for pid in servers._process_tree(self.proc.pid))

@@ -144,8 +144,8 @@ def _vm_rss(pid: int) -> int:
 # --- Postgres scratch databases -------------------------------------------------------------
 
 
-def create_database() -> str:
-    name = f"chatops_bench_{secrets.token_hex(4)}"
+def create_database(prefix: str = "chatops_bench") -> str:
+    name = f"{prefix}_{secrets.token_hex(4)}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')  # name is generated above, never user input
     return name
@@ -159,6 +159,21 @@ def drop_database(name: str) -> None:
 def database_url(name: str) -> str:
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
     return f"{base}/{name}"
+
+
+def migrate(url: str) -> None:
+    """`chatops db upgrade` on the database at `url`, as a deploy's release step does."""
+    upgrade = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "chatops"), "db", "upgrade"],
+        env={**os.environ, "DATABASE_URL": url},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    if upgrade.returncode != 0:
+        raise ServerError(f"`chatops db upgrade` failed:\n{upgrade.stderr[-2000:]}")
 
 
 # --- Starting servers -----------------------------------------------------------------------
@@ -202,17 +217,7 @@ def start_ours(workdir: Path) -> Server:
     env = _ours_env(database_url(database))
     log_path = workdir / f"ours-{database}.log"
     try:
-        upgrade = subprocess.run(
-            [exe, "db", "upgrade"],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        if upgrade.returncode != 0:
-            raise ServerError(f"`chatops db upgrade` failed:\n{upgrade.stderr[-2000:]}")
+        migrate(database_url(database))
         port = free_port()
         with log_path.open("wb") as log:
             proc = subprocess.Popen(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -16,8 +15,8 @@ from pathlib import Path
 
 import httpx
 import psycopg
-from psycopg import sql
 
+from benchmarks import servers
 from benchmarks.servers import PG_ADMIN_URL, REPO, free_port
 
 CHATOPS = REPO / ".venv" / "bin" / "chatops"
@@ -67,35 +66,18 @@ class HarnessError(RuntimeError):
 @contextlib.contextmanager
 def scratch_database(prefix: str = "chatops_chaos") -> Iterator[str]:
     """A fresh, migrated Postgres database, dropped (forcibly) afterwards. Yields its URL."""
-    name = f"{prefix}_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=10) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    name = servers.create_database(prefix)
+    url = servers.database_url(name)
     try:
-        migrate(url)
+        try:
+            servers.migrate(url)
+        except servers.ServerError as exc:
+            raise HarnessError(str(exc)) from exc
         yield url
     finally:
         # The Postgres scenario may leave the server coming back up: give it a moment.
         wait_postgres(PG_RESTART_TIMEOUT_S)
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-
-
-def migrate(url: str) -> None:
-    env = {**os.environ, "DATABASE_URL": url}
-    done = subprocess.run(
-        [str(CHATOPS), "db", "upgrade"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise HarnessError(f"`chatops db upgrade` failed:\n{done.stderr[-2000:]}")
+        servers.drop_database(name)
 
 
 def wait_postgres(timeout_s: float) -> bool:
