@@ -87,8 +87,9 @@ class Drain:
             )
 
 
-def accepting_work(request: Request) -> None:
-    """Route dependency for requests that start new work (sessions, generations, forks)."""
+async def accepting_work(request: Request) -> None:
+    """Route dependency for requests that start new work (sessions, generations, forks).
+    `async` so FastAPI calls it in the event loop, not through its thread pool."""
     services: Any = request.app.state.services
     drain: Drain = services.drain
     drain.check()

@@ -54,8 +54,11 @@ LOCAL_ADMIN = Principal(user_id="local", email="local@localhost", role="admin")
 SYSTEM = Principal(user_id=None, email="system", role="system")
 
 
-def current_principal(request: Request) -> Principal:
-    """The caller of this request (set by authentication; the local admin in dev mode)."""
+async def current_principal(request: Request) -> Principal:
+    """The caller of this request (set by authentication; the local admin in dev mode).
+
+    `async` although it awaits nothing: FastAPI runs a plain `def` dependency in its thread
+    pool, a thread hop (and a wait for the GIL) on every request for a dict lookup."""
     principal: Principal | None = getattr(request.state, "principal", None)
     return principal if principal is not None else LOCAL_ADMIN
 

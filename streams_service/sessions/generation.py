@@ -744,61 +744,43 @@ class _Runner:
                             model=spec.model.id,
                         )
                     )
-                ordinal = await repo.next_ordinal(db, spec.session_id)
-                db.add(
-                    ChatMessage(
-                        session_id=spec.session_id,
-                        id=spec.message_id,
-                        ordinal=ordinal,
-                        role="assistant",
-                        content=text,
-                        parts=parts,
-                        status=message_status,
-                        generation_id=spec.generation_id,
-                        stream_offset=stream_offset,
-                        created_at=now,
-                    )
+                await repo.insert_message(
+                    db,
+                    session_id=spec.session_id,
+                    id=spec.message_id,
+                    role="assistant",
+                    content=text,
+                    parts=parts,
+                    status=message_status,
+                    generation_id=spec.generation_id,
+                    stream_offset=stream_offset,
+                    created_at=now,
                 )
                 if spec.user_message_id is not None and spec.user_offset is not None:
-                    await db.execute(
-                        update(ChatMessage)
-                        .where(
-                            ChatMessage.session_id == spec.session_id,
-                            ChatMessage.id == spec.user_message_id,
-                        )
-                        .values(stream_offset=spec.user_offset)
+                    await repo.set_message_offset(
+                        db, spec.session_id, spec.user_message_id, spec.user_offset
                     )
-                await db.execute(
-                    update(Generation)
-                    .where(Generation.id == spec.generation_id)
-                    .values(
-                        status=status,
-                        finish_reason=finish,
-                        error_code=code,
-                        error_message=message,
-                        input_tokens=usage.input_tokens,
-                        output_tokens=usage.output_tokens,
-                        cache_read_tokens=usage.cache_read_tokens,
-                        cache_write_5m_tokens=usage.cache_write_5m_tokens,
-                        cache_write_1h_tokens=usage.cache_write_1h_tokens,
-                        cost_usd=cost,
-                        upstream_calls=len(self.usage_calls),
-                        ttft_ms=self.ttft_ms,
-                        duration_ms=int((time.monotonic() - self.started) * 1000),
-                        ratelimit=self.ratelimit,
-                        finished_at=now,
-                    )
+                await repo.update_generation(
+                    db,
+                    spec.generation_id,
+                    status=status,
+                    finish_reason=finish,
+                    error_code=code,
+                    error_message=message,
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    cache_read_tokens=usage.cache_read_tokens,
+                    cache_write_5m_tokens=usage.cache_write_5m_tokens,
+                    cache_write_1h_tokens=usage.cache_write_1h_tokens,
+                    cost_usd=cost,
+                    upstream_calls=len(self.usage_calls),
+                    ttft_ms=self.ttft_ms,
+                    duration_ms=int((time.monotonic() - self.started) * 1000),
+                    ratelimit=self.ratelimit,
+                    finished_at=now,
                 )
-                await db.execute(
-                    update(ChatSession)
-                    .where(ChatSession.id == spec.session_id)
-                    .values(
-                        message_count=ChatSession.message_count + 1,
-                        cost_usd=ChatSession.cost_usd + cost,
-                        reserved_usd=ChatSession.reserved_usd - spec.reserved_usd,
-                        active_generation_id=None,
-                        updated_at=now,
-                    )
+                await repo.settle_session(
+                    db, spec.session_id, cost=cost, reserved=spec.reserved_usd, now=now
                 )
         except DATABASE_UNAVAILABLE as exc:
             # One transaction: it landed whole or not at all. Retried while the database comes

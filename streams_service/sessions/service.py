@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
-from sqlalchemy import delete, update
+from sqlalchemy import Row, delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -40,6 +41,37 @@ from streams_service.sessions.generation import GenerationManager, GenerationSpe
 from streams_service.sessions.schemas import CreateSession, SendAccepted, SendMessage
 
 Access = Literal["read", "manage", "own"]
+
+
+class _SessionView(Protocol):
+    """What access and budget checks read of a session: an ORM object or a plain row."""
+
+    @property
+    def user_id(self) -> str | None: ...
+    @property
+    def deleted_at(self) -> datetime | None: ...
+    @property
+    def budget_usd(self) -> Decimal | None: ...
+    @property
+    def cost_usd(self) -> Decimal: ...
+    @property
+    def reserved_usd(self) -> Decimal: ...
+
+
+class _StoredMessage(Protocol):
+    """What rebuilding the conversation reads of a message: an ORM object or a plain row."""
+
+    @property
+    def role(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def parts(self) -> list[dict[str, Any]]: ...
+    @property
+    def status(self) -> str: ...
+
+
+_V = TypeVar("_V", bound=_SessionView)
 
 log = structlog.get_logger(__name__)
 
@@ -177,16 +209,11 @@ class SessionService:
         indistinguishable from a missing one (404, never 403).
         """
         row = await repo.get_session(db, sid, for_update=for_update)
-        if row is None or (row.deleted_at is not None) != deleted:
-            raise NotFound("no such session")
-        allowed = {
-            "read": who.can_read,
-            "manage": who.can_manage,
-            "own": who.owns,
-        }[need](row.user_id)
-        if not allowed:
-            raise NotFound("no such session")
-        return row
+        return _check_visible(row, who, need, deleted)
+
+    async def _visible_row(self, db: AsyncSession, sid: str, who: Principal) -> Row[Any]:
+        """`_visible(..., "own", for_update=True)` as a plain row, for the send path."""
+        return _check_visible(await repo.session_row(db, sid, for_update=True), who, "own", False)
 
     def session_out(self, row: ChatSession) -> dict[str, Any]:
         return {
@@ -250,7 +277,7 @@ class SessionService:
             # The session row stays locked (Postgres) until this commits: a generation that is
             # finishing saves its answer after we decide, never between our reads, so the
             # history, ordinals and counts below are the session's latest.
-            row = await self._visible(db, sid, who, "own", for_update=True)
+            row = await self._visible_row(db, sid, who)
             if body.client_message_id is not None:
                 earlier = await repo.message_by_client_id(db, sid, body.client_message_id)
                 if earlier is not None:
@@ -264,7 +291,7 @@ class SessionService:
             claimed = False
             model = model or self.catalog.get(row.model) or self.catalog.default_model
             if row.active_generation_id is None:
-                messages = await repo.messages_of(db, sid)
+                messages = await repo.history_rows(db, sid)
                 history = build_history(messages)
                 history.append(
                     {"role": "user", "content": attachments.user_blocks(content, images)}
@@ -279,24 +306,24 @@ class SessionService:
                 if retry_after is None:
                     raise Conflict("a generation is already running in this session; stop it first")
             else:
-                db.add(
-                    ChatMessage(
-                        session_id=sid,
-                        id=message_id,
-                        ordinal=max((m.ordinal for m in messages), default=0) + 1,
-                        role="user",
-                        content=content,
-                        parts=parts,
-                        status="complete",
-                        client_message_id=body.client_message_id,
-                        generation_id=generation_id,
-                        created_at=now,
-                    )
+                await repo.insert_message(
+                    db,
+                    session_id=sid,
+                    id=message_id,
+                    ordinal=max((m.ordinal for m in messages), default=0) + 1,
+                    role="user",
+                    content=content,
+                    parts=parts,
+                    status="complete",
+                    client_message_id=body.client_message_id,
+                    generation_id=generation_id,
+                    created_at=now,
                 )
-                db.add(
-                    self._running_generation(
+                await repo.insert_generation(
+                    db,
+                    **self._running_generation(
                         generation_id, sid, user_id, message_id, assistant_id, model, reserve, now
-                    )
+                    ),
                 )
                 first_exchange = row.message_count == 0 and not row.title
         if not claimed:
@@ -412,8 +439,10 @@ class SessionService:
                 raise Conflict("a generation is already running in this session; stop it first")
             previous.status = "superseded"
             db.add(
-                self._running_generation(
-                    generation_id, sid, user_id, question.id, assistant_id, model, reserve, now
+                Generation(
+                    **self._running_generation(
+                        generation_id, sid, user_id, question.id, assistant_id, model, reserve, now
+                    )
                 )
             )
             row.message_count -= 1  # the superseded answer no longer counts
@@ -464,26 +493,27 @@ class SessionService:
         model: ModelInfo,
         reserve: Decimal,
         now: datetime,
-    ) -> Generation:
-        return Generation(
-            id=generation_id,
-            session_id=sid,
-            user_id=user_id,
-            user_message_id=user_message_id,
-            message_id=assistant_id,
-            model=model.id,
-            simulated=self.settings.simulated,
-            status="running",
-            reserved_usd=reserve,
-            owner=self.generations.instance,
-            started_at=now,
-            heartbeat_at=now,
-        )
+    ) -> dict[str, Any]:
+        """The columns of a new generation row (an ORM object or a Core insert takes them)."""
+        return {
+            "id": generation_id,
+            "session_id": sid,
+            "user_id": user_id,
+            "user_message_id": user_message_id,
+            "message_id": assistant_id,
+            "model": model.id,
+            "simulated": self.settings.simulated,
+            "status": "running",
+            "reserved_usd": reserve,
+            "owner": self.generations.instance,
+            "started_at": now,
+            "heartbeat_at": now,
+        }
 
     async def _budget(
         self,
         db: AsyncSession,
-        row: ChatSession,
+        row: _SessionView,
         who: Principal,
         model: ModelInfo,
         history: list[dict[str, Any]],
@@ -719,7 +749,7 @@ class SessionService:
         return self.session_out(fork_row)
 
 
-def build_history(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+def build_history(messages: Sequence[_StoredMessage]) -> list[dict[str, Any]]:
     """The conversation as Anthropic `messages`: tool calls and results are rebuilt from the
     stored parts; consecutive turns of one role are merged (the API wants them alternating)."""
     out: list[dict[str, Any]] = []
@@ -784,7 +814,20 @@ def records_json(text: str) -> dict[str, Any]:
     return value
 
 
-def _remaining(row: ChatSession) -> Decimal | None:
+def _check_visible(row: _V | None, who: Principal, need: Access, deleted: bool) -> _V:
+    if row is None or (row.deleted_at is not None) != deleted:
+        raise NotFound("no such session")
+    allowed = {
+        "read": who.can_read,
+        "manage": who.can_manage,
+        "own": who.owns,
+    }[need](row.user_id)
+    if not allowed:
+        raise NotFound("no such session")
+    return row
+
+
+def _remaining(row: _SessionView) -> Decimal | None:
     if row.budget_usd is None or row.budget_usd <= 0:
         return None
     return Decimal(row.budget_usd) - Decimal(row.cost_usd) - Decimal(row.reserved_usd)
