@@ -199,10 +199,16 @@ def _summary_line(scenario: str, res: dict[str, Any]) -> str:
         return gateway.summary_line(res)
     if scenario == "scale":
         lag = res["lag_ms"]
+        steady = res.get("steady") or {}
+        slag = steady.get("lag_ms") or {}
         return (
-            f"{res['max_sessions']} sessions: lag p50 {lag.get('p50')} / p99 {lag.get('p99')} ms, "
-            f"RSS peak {res['rss_peak_mb']} MB, {res['errors']} errors"
-            + (f" (stopped early: {res['stopped_early']})" if res["stopped_early"] else "")
+            f"steady: {steady.get('max_sessions')} sessions sustained, lag p50 "
+            f"{slag.get('p50')} / p99 {slag.get('p99')} ms"
+            + (f" (stopped: {steady['stopped_early']})" if steady.get("stopped_early") else "")
+            + f"; burst start: {res['max_sessions']} sessions, lag p50 {lag.get('p50')} / p99 "
+            f"{lag.get('p99')} ms"
+            + (f" (stopped: {res['stopped_early']})" if res["stopped_early"] else "")
+            + f"; RSS peak {res['rss_peak_mb']} MB, {res['errors']} errors"
         )
     if scenario == "history":
         return (

@@ -62,6 +62,12 @@ SCALE_SIM_TTFT_MS = 200
 SCALE_SIM_TOKENS_PER_S = 50
 SCALE_STEP_TIMEOUT_S = 60.0
 SCALE_TARGET_LAG_P99_MS = 250.0
+# The steady variant: sessions start at this rate (a start costs the service ~20 ms of CPU, so
+# faster would measure the start-up storm again), answers last past the last start by the
+# window, and lag counts only for events stamped while every one of the N is generating.
+SCALE_STEADY_STARTS_PER_S = 40.0
+SCALE_STEADY_WINDOW_S = 6.0
+SCALE_STEADY_LEAD_S = 2.0  # time to first text (200 ms + the thinking block) with margin
 SCALE_TARGET_RSS_MB = 400.0
 MAX_OUTPUT_TOKENS = 4096  # the service's default GENERATION_MAX_OUTPUT_TOKENS
 MB = 1024 * 1024
@@ -170,6 +176,7 @@ class _SessionReader:
         self.done = asyncio.Event()  # RUN_FINISHED / RUN_ERROR seen (or the reader failed)
         self.first_text_at = 0.0  # perf_counter of the first TEXT_MESSAGE_CONTENT
         self.lags_ms: list[float] = []  # receive time minus event timestamp
+        self.stamped_lags: list[tuple[float, float]] = []  # (event timestamp ms, lag ms)
         self.run_error: str | None = None
         self.error: str | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -232,6 +239,7 @@ class _SessionReader:
                     self.first_text.set()
                 if isinstance(event.get("timestamp"), int | float):
                     self.lags_ms.append(now_ms - event["timestamp"])
+                    self.stamped_lags.append((event["timestamp"], now_ms - event["timestamp"]))
             elif kind in ("RUN_FINISHED", "RUN_ERROR"):
                 if kind == "RUN_ERROR":
                     self.run_error = str(event.get("message") or event)[:200]
@@ -728,6 +736,112 @@ async def _scale_step(server: Server, n: int) -> Result:
             await _close(sessions)
 
 
+async def _scale_steady_step(server: Server, n: int) -> Result:
+    """N generations started at SCALE_STEADY_STARTS_PER_S, each long enough to outlast the last
+    start by the window; delivery lag of the text events stamped inside the window, when all N
+    are generating at once."""
+    ramp_s = n / SCALE_STEADY_STARTS_PER_S
+    tokens = int(SCALE_SIM_TOKENS_PER_S * (ramp_s + SCALE_STEADY_LEAD_S + SCALE_STEADY_WINDOW_S))
+    async with _client(n) as client:
+        sessions = await _open_sessions(client, server, n)
+        try:
+            text = f"go [[tokens:{tokens}]]"
+            cpu0 = server.cpu_seconds()
+            with _RssPeak(server) as rss:
+                t0 = time.perf_counter()
+
+                async def start(i: int, session: _Session) -> None:
+                    await asyncio.sleep(i / SCALE_STEADY_STARTS_PER_S)
+                    await _send(client, server, session, text)
+
+                await asyncio.gather(*(start(i, s) for i, s in enumerate(sessions)))
+                limit = ramp_s + SCALE_STEADY_LEAD_S + SCALE_STEADY_WINDOW_S + 60
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        asyncio.gather(
+                            *(
+                                s.reader.done.wait()
+                                for s in sessions
+                                if s.reader and not s.post_error
+                            )
+                        ),
+                        timeout=limit,
+                    )
+                run_s = time.perf_counter() - t0
+            cpu_s = server.cpu_seconds() - cpu0
+            stamped = [s.reader.stamped_lags for s in sessions if s.reader]
+            errors = _errors(sessions)
+            if any(not lags for lags in stamped) or len(stamped) < n:
+                errors.append("a session produced no text")
+                window: tuple[float, float] | None = None
+                lags: list[float] = []
+            else:
+                # All N generate from the last first-token to the first last-token.
+                start_ms = max(lags[0][0] for lags in stamped)
+                end_ms = min(
+                    start_ms + SCALE_STEADY_WINDOW_S * 1000, min(x[-1][0] for x in stamped)
+                )
+                window = (start_ms, end_ms)
+                lags = [lag for x in stamped for ts, lag in x if start_ms <= ts <= end_ms]
+            unfinished = sum(
+                1 for s in sessions if s.reader and not s.post_error and not s.reader.done.is_set()
+            )
+            errors += ["run not finished within the step's time limit"] * unfinished
+            return {
+                "sessions": n,
+                "tokens_per_answer": tokens,
+                "ramp_s": round(ramp_s, 1),
+                "window_s": round((window[1] - window[0]) / 1000, 2) if window else 0.0,
+                "run_s": round(run_s, 2),
+                "text_events": len(lags),
+                "lag_ms": percentiles(lags),
+                "rss_peak_mb": round(rss.peak / MB, 1),
+                "server_cpu_cores": round(cpu_s / max(run_s, 1e-9), 2),
+                "errors": len(errors),
+                "error_kinds": _summarize_errors(errors),
+            }
+        finally:
+            await _close(sessions)
+
+
+async def _steady_steps(server: Server) -> Result:
+    steps: list[Result] = []
+    reached = 0
+    stopped = None
+    for n in SCALE_STEPS:
+        print(f"  scale steady: {n} sessions ...", flush=True)
+        step = await _scale_steady_step(server, n)
+        steps.append(step)
+        lag = step["lag_ms"]
+        print(
+            f"  scale steady: {n} sessions: lag p50 {lag.get('p50')} ms p99 {lag.get('p99')} ms "
+            f"over {step['window_s']} s, {step['errors']} errors, RSS peak "
+            f"{step['rss_peak_mb']} MB, server CPU {step['server_cpu_cores']} cores",
+            flush=True,
+        )
+        if step["errors"]:
+            stopped = f"{step['errors']} errors at {n} sessions"
+            break
+        if step["window_s"] < SCALE_STEADY_WINDOW_S / 2 or not lag:
+            stopped = f"all {n} never generated together for {SCALE_STEADY_WINDOW_S / 2:g} s"
+            break
+        if lag.get("p99", 0) > SCALE_TARGET_LAG_P99_MS:
+            stopped = f"lag p99 {lag['p99']} ms > {SCALE_TARGET_LAG_P99_MS:g} ms at {n}"
+            break
+        reached = n
+        await asyncio.sleep(2.0)
+    return {
+        "steps": steps,
+        "max_sessions": reached,
+        "lag_ms": next((s["lag_ms"] for s in reversed(steps) if s["sessions"] == reached), {}),
+        "rss_peak_mb": max(s["rss_peak_mb"] for s in steps),
+        "errors": sum(s["errors"] for s in steps),
+        "stopped_early": stopped,
+        "starts_per_s": SCALE_STEADY_STARTS_PER_S,
+        "window_s": SCALE_STEADY_WINDOW_S,
+    }
+
+
 async def _scale(server: Server) -> Result:
     steps: list[Result] = []
     stopped_early = None
@@ -751,7 +865,10 @@ async def _scale(server: Server) -> Result:
             break
         await asyncio.sleep(2.0)  # let title calls and writes from this step settle
     last = steps[-1]
+    await asyncio.sleep(2.0)
+    steady = await _steady_steps(server)
     return {
+        "steady": steady,
         "steps": steps,
         "max_sessions": last["sessions"],
         "lag_ms": last["lag_ms"],
@@ -766,7 +883,7 @@ async def _scale(server: Server) -> Result:
             "lag_p99_ms": SCALE_TARGET_LAG_P99_MS,
             "rss_mb": SCALE_TARGET_RSS_MB,
         },
-        "ok": all(s["errors"] == 0 for s in steps),
+        "ok": all(s["errors"] == 0 for s in steps) and steady["errors"] == 0,
     }
 
 

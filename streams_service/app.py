@@ -168,7 +168,7 @@ async def _start_services(
         # The SDK's aiohttp transport (the `aiohttp` extra): its C HTTP parser hands over
         # whatever the socket holds in one read, where httpx2's default stack (httpcore2, h11,
         # an anyio cancel scope per read) climbs a tower of Python generators per chunk — and
-        # the upstream stream is one chunk per token. ~10–20% of a generation's CPU.
+        # the upstream stream is one chunk per token. ~10-20% of a generation's CPU.
         http_client=anthropic.DefaultAioHttpClient(),
     )
     stack.push_async_callback(client.close)

@@ -233,3 +233,45 @@ def test_gateway_runs_for_ours_only_with_a_progress_line() -> None:
     line = _summary_line("gateway", _gateway_result(litellm_ok=False))
     assert line.startswith("c=1: direct p50 452.0 / p99 460.0 ms; ours p50 453.0")
     assert line.endswith("| LiteLLM: not installed")
+
+
+def _with_steady(results: dict[str, Any], sustained: int, p99: float) -> dict[str, Any]:
+    scale = results["servers"]["ours"]["scenarios"]["scale"]
+    for step in scale["steps"]:
+        step.update(finished=step["sessions"], errors=0)
+    scale["errors"] = 0
+    scale["rss_peak_mb"] = 260.0
+    scale["lag_ms"] = scale["steps"][-1]["lag_ms"]
+    scale["steady"] = {
+        "steps": [
+            {"sessions": n, "errors": 0, "window_s": 6.0, "lag_ms": {"p50": 60.0, "p99": lag}}
+            for n, lag in ((50, 120.0), (100, p99), (150, 310.0))
+        ],
+        "max_sessions": sustained,
+        "lag_ms": {"p50": 60.0, "p99": p99},
+        "errors": 0,
+        "stopped_early": "lag p99 310.0 ms > 250 ms at 150",
+    }
+    return results
+
+
+def test_scale_targets_are_judged_on_the_steady_run() -> None:
+    from benchmarks.__main__ import _summary_line
+
+    results = _with_steady(_results(), sustained=100, p99=180.0)
+    scale = results["servers"]["ours"]["scenarios"]["scale"]
+    judged = {
+        m.label: (m.get(scale), report._meets_target(m, m.get(scale), None))
+        for m in report.METRICS
+        if m.scenario == "scale"
+    }
+    assert judged["concurrent generations sustained (steady)"] == (100, False)
+    assert judged["token delivery lag p99 (steady, largest passing step)"] == (180.0, True)
+    # The all-at-once run is reported, without a target of its own.
+    assert judged["concurrent generations reached, all started at once"] == (200, None)
+    line = _summary_line("scale", scale)
+    assert line.startswith("steady: 100 sessions sustained, lag p50 60.0 / p99 180.0 ms (stopped:")
+    assert "burst start: 200 sessions" in line
+    check = report._check_text("scale", scale)
+    assert "steady — 50: 0 errors over 6.0 s, 100: 0 errors over 6.0 s" in check
+    assert "stopped: lag p99 310.0 ms > 250 ms at 150" in check
