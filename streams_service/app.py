@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -227,9 +228,23 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
+def freeze_startup_heap() -> None:
+    """Move everything alive after start-up out of the garbage collector's sight (gc.freeze).
+
+    Those objects (modules, SQLAlchemy's metadata and statement caches, the SDK's types, the
+    catalog) live as long as the process, yet every full collection walked them all: at 100
+    generations that was a 200-250 ms stop of the event loop every few seconds, the whole
+    token-delivery tail's worst. Frozen, a full collection walks only what came later (~20 ms).
+    Collected first, so no garbage is frozen with them."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(settings: Settings, *, handle_signals: bool = False) -> FastAPI:
-    """`handle_signals` (set by `chatops serve`): SIGTERM and SIGINT begin the drain at once,
-    before uvicorn's own handler runs (streams_service/drain.py says why)."""
+    """`handle_signals` (set by `chatops serve` and its workers, where the app owns its
+    process): SIGTERM and SIGINT begin the drain at once, before uvicorn's own handler runs
+    (streams_service/drain.py says why), and the heap is frozen once started
+    (`freeze_startup_heap`). Tests build many apps in one process and leave both alone."""
     stream_routes: list[StreamRoutes] = []
     started: list[Services] = []
 
@@ -262,6 +277,8 @@ def create_app(settings: Settings, *, handle_signals: bool = False) -> FastAPI:
             )
             app.state.services = services
             started.append(services)
+            if handle_signals:  # this app owns its process (`chatops serve`, a worker)
+                freeze_startup_heap()
             yield
 
     metrics = Metrics()  # per app: tests build many apps in one process
