@@ -162,15 +162,11 @@ async def _start_services(
         api_key = "simulated"
     else:
         base_url, api_key = settings.anthropic_base_url, settings.anthropic_api_key or ""
+    # The SDK's default httpx2 transport. Its aiohttp one (the `aiohttp` extra) saved 10-20% of
+    # a generation's CPU but costs ~7 MB of RSS just by being installed (the SDK imports it
+    # when present), which put 1,000 idle SSE readers over their 200 MB budget.
     client = anthropic.AsyncAnthropic(
-        base_url=base_url,
-        api_key=api_key,
-        max_retries=settings.anthropic_max_retries,
-        # The SDK's aiohttp transport (the `aiohttp` extra): its C HTTP parser hands over
-        # whatever the socket holds in one read, where httpx2's default stack (httpcore2, h11,
-        # an anyio cancel scope per read) climbs a tower of Python generators per chunk — and
-        # the upstream stream is one chunk per token. ~10-20% of a generation's CPU.
-        http_client=anthropic.DefaultAioHttpClient(),
+        base_url=base_url, api_key=api_key, max_retries=settings.anthropic_max_retries
     )
     stack.push_async_callback(client.close)
     catalog = load_catalog()
