@@ -30,6 +30,7 @@ import subprocess
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,12 +312,24 @@ async def _open_sessions(client: httpx.AsyncClient, server: Server, n: int) -> l
     return sessions
 
 
+async def _post_message(
+    client: httpx.AsyncClient, server: Server, session_id: str, text: str
+) -> httpx.Response:
+    """Send a message as a careful client does: with a `client_message_id`, so the one retry
+    after a transport error (a keep-alive connection the server closed just as it was reused)
+    can never send it twice."""
+    url = f"{server.base_url}/v1/sessions/{session_id}/messages"
+    body = {"content": text, "client_message_id": uuid.uuid4().hex}
+    try:
+        return await client.post(url, json=body)
+    except httpx.TransportError:
+        return await client.post(url, json=body)
+
+
 async def _send(client: httpx.AsyncClient, server: Server, session: _Session, text: str) -> None:
     session.post_started = time.perf_counter()
     try:
-        resp = await client.post(
-            f"{server.base_url}/v1/sessions/{session.id}/messages", json={"content": text}
-        )
+        resp = await _post_message(client, server, session.id, text)
         session.post_status = resp.status_code
         if resp.status_code != 202:
             session.post_error = f"{resp.status_code}: {resp.text[:160]}"
@@ -530,9 +543,7 @@ async def _service_loop(
         while time.perf_counter() < end and reader.error is None:
             t0 = time.perf_counter()
             try:
-                resp = await client.post(
-                    f"{server.base_url}/v1/sessions/{session.id}/messages", json={"content": text}
-                )
+                resp = await _post_message(client, server, session.id, text)
             except httpx.HTTPError as exc:
                 errors.append(f"POST message {exc!r}"[:200])
                 break
