@@ -176,8 +176,9 @@ class _SessionReader:
         self.first_text = asyncio.Event()
         self.done = asyncio.Event()  # RUN_FINISHED / RUN_ERROR seen (or the reader failed)
         self.first_text_at = 0.0  # perf_counter of the first TEXT_MESSAGE_CONTENT
-        self.lags_ms: list[float] = []  # receive time minus event timestamp
-        self.stamped_lags: list[tuple[float, float]] = []  # (event timestamp ms, lag ms)
+        # (event timestamp, receive time minus it), ms: the lag of every text event and when
+        # the service stamped it (the steady scale run keeps only those inside its window)
+        self.stamped_lags: list[tuple[float, float]] = []
         self.run_error: str | None = None
         self.error: str | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -239,7 +240,6 @@ class _SessionReader:
                     self.first_text_at = now_perf
                     self.first_text.set()
                 if isinstance(event.get("timestamp"), int | float):
-                    self.lags_ms.append(now_ms - event["timestamp"])
                     self.stamped_lags.append((event["timestamp"], now_ms - event["timestamp"]))
             elif kind in ("RUN_FINISHED", "RUN_ERROR"):
                 if kind == "RUN_ERROR":
@@ -688,6 +688,26 @@ class _RssPeak:
         self.peak = max(self.peak, self.server.rss_bytes())
 
 
+async def _wait_for_runs(sessions: list[_Session], timeout: float) -> None:
+    """Until every accepted run has ended on its reader, or `timeout` seconds."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(s.reader.done.wait() for s in sessions if s.reader and not s.post_error)
+            ),
+            timeout=timeout,
+        )
+
+
+def _unfinished(sessions: list[_Session]) -> list[str]:
+    """One error per accepted run whose reader is still waiting for its end."""
+    return [
+        "run not finished within the step's time limit"
+        for s in sessions
+        if s.reader and not s.post_error and not s.reader.error and not s.reader.done.is_set()
+    ]
+
+
 async def _scale_step(server: Server, n: int) -> Result:
     async with _client(n) as client:
         t0 = time.perf_counter()
@@ -701,30 +721,11 @@ async def _scale_step(server: Server, n: int) -> Result:
                 await _gather_limited(100, sessions, lambda s: _send(client, server, s, text))
                 post_s = time.perf_counter() - t1
                 remaining = max(1.0, SCALE_STEP_TIMEOUT_S - (time.perf_counter() - t1))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        asyncio.gather(
-                            *(
-                                s.reader.done.wait()
-                                for s in sessions
-                                if s.reader and not s.post_error
-                            )
-                        ),
-                        timeout=remaining,
-                    )
+                await _wait_for_runs(sessions, remaining)
                 run_s = time.perf_counter() - t1
             cpu_s = server.cpu_seconds() - cpu0
-            lags = [lag for s in sessions if s.reader for lag in s.reader.lags_ms]
-            errors = _errors(sessions)
-            unfinished = sum(
-                1
-                for s in sessions
-                if s.reader
-                and not s.post_error
-                and not s.reader.error
-                and not s.reader.done.is_set()
-            )
-            errors += ["run not finished within the step's time limit"] * unfinished
+            lags = [lag for s in sessions if s.reader for _, lag in s.reader.stamped_lags]
+            errors = _errors(sessions) + _unfinished(sessions)
             return {
                 "sessions": n,
                 "setup_s": round(setup_s, 2),
@@ -766,18 +767,9 @@ async def _scale_steady_step(server: Server, n: int) -> Result:
                     await _send(client, server, session, text)
 
                 await asyncio.gather(*(start(i, s) for i, s in enumerate(sessions)))
-                limit = ramp_s + SCALE_STEADY_LEAD_S + SCALE_STEADY_WINDOW_S + 60
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        asyncio.gather(
-                            *(
-                                s.reader.done.wait()
-                                for s in sessions
-                                if s.reader and not s.post_error
-                            )
-                        ),
-                        timeout=limit,
-                    )
+                await _wait_for_runs(
+                    sessions, ramp_s + SCALE_STEADY_LEAD_S + SCALE_STEADY_WINDOW_S + 60
+                )
                 run_s = time.perf_counter() - t0
             cpu_s = server.cpu_seconds() - cpu0
             stamped = [s.reader.stamped_lags for s in sessions if s.reader]
@@ -794,10 +786,7 @@ async def _scale_steady_step(server: Server, n: int) -> Result:
                 )
                 window = (start_ms, end_ms)
                 lags = [lag for x in stamped for ts, lag in x if start_ms <= ts <= end_ms]
-            unfinished = sum(
-                1 for s in sessions if s.reader and not s.post_error and not s.reader.done.is_set()
-            )
-            errors += ["run not finished within the step's time limit"] * unfinished
+            errors += _unfinished(sessions)
             return {
                 "sessions": n,
                 "tokens_per_answer": tokens,

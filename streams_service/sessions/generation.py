@@ -24,7 +24,7 @@ import structlog
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db.models import ChatMessage, ChatSession, Generation
+from db.models import ChatSession, Generation
 from streams_service.config import Settings
 from streams_service.durable.model import AppendRequest
 from streams_service.durable.store import StreamStore
@@ -972,18 +972,16 @@ async def recover_interrupted(
                         model=gen.model,
                     )
                 )
-            db.add(
-                ChatMessage(
-                    session_id=gen.session_id,
-                    id=gen.message_id,
-                    ordinal=await repo.next_ordinal(db, gen.session_id),
-                    role="assistant",
-                    content=text,
-                    parts=[{"type": "text", "content": text}] if text else [],
-                    status=outcome.message_status,
-                    generation_id=gen.id,
-                    created_at=now,
-                )
+            await repo.insert_message(
+                db,
+                session_id=gen.session_id,
+                id=gen.message_id,
+                role="assistant",
+                content=text,
+                parts=[{"type": "text", "content": text}] if text else [],
+                status=outcome.message_status,
+                generation_id=gen.id,
+                created_at=now,
             )
             await repo.release_generation(db, gen.session_id, gen.id, gen.reserved_usd)
             await db.execute(

@@ -152,12 +152,6 @@ async def message_by_client_id(
     return (await db.execute(stmt)).scalar_one_or_none()
 
 
-async def next_ordinal(db: AsyncSession, session_id: str) -> int:
-    m = _MESSAGES.c
-    current = await db.scalar(select(func.max(m.ordinal)).where(m.session_id == session_id))
-    return int(current or 0) + 1
-
-
 async def claim_generation(
     db: AsyncSession,
     session_id: str,
