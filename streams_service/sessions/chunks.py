@@ -52,6 +52,7 @@ class ChunkWriter:
         flush_chars: int = 300,
         retry_for_s: float = STORAGE_RETRY_S,
         pace: Callable[[], float] | None = None,
+        ready: asyncio.Future[Any] | None = None,
     ) -> None:
         self._store = store
         self._path = stream_path
@@ -63,6 +64,8 @@ class ChunkWriter:
         self._retry_for_s = retry_for_s
         # Called when a batch starts: the interval to use now (it stretches under load).
         self._pace = pace
+        # Awaited before the first write: what must be on the stream before this message.
+        self._ready = ready
         self._pending: list[dict[str, Any]] = []
         self._pending_chars = 0
         self._pending_since: float | None = None
@@ -126,6 +129,9 @@ class ChunkWriter:
         producer seq, before anything newer: if its first attempt did commit, the retry is
         recognised as a duplicate instead of writing it twice."""
         async with self._lock:
+            if self._ready is not None:
+                await self._ready
+                self._ready = None
             while True:
                 if self._inflight is None:
                     if not self._pending:

@@ -71,6 +71,10 @@ class GenerationSpec:
     # The user message this answers and its stream offset, recorded with the answer.
     user_message_id: str | None = None
     user_offset: str | None = None
+    # The user message's append, when the generation starts before it has landed: the upstream
+    # call goes out at once (Claude's time to first token hides the write), but nothing is
+    # written to the stream until this resolves, so the answer always follows the question.
+    user_appended: asyncio.Future[str] | None = None
 
 
 @dataclass
@@ -196,6 +200,13 @@ class GenerationManager:
                 future.set_result(False)
         return handle
 
+    async def abandon(self, handle: Handle) -> None:
+        """End a generation whose user message never reached the stream. It has written
+        nothing (its writes wait for that append) and saves nothing: it is cancelled, upstream
+        call included, and forgotten."""
+        await cancel_quietly(handle.inner)
+        await cancel_quietly(handle.task)
+
     def finishing(self, session_id: str) -> asyncio.Event | None:
         """The `done` event of this session's generation if it is past its terminal event."""
         handle = self.running.get(session_id)
@@ -275,13 +286,19 @@ class _Runner:
             flush_interval_s=self.settings.stream_flush_interval_ms / 1000,
             flush_chars=self.settings.stream_flush_chars,
             pace=self.m.flush_interval_s,
+            ready=spec.user_appended,
         ) as writer:
             self.writer = writer
-            await writer.emit(
-                records.event("RUN_STARTED", runId=spec.generation_id, threadId=spec.session_id)
-            )
+            # Upstream first: its request is on the wire while RUN_STARTED is written.
             inner = asyncio.create_task(self._turns())
             self.h.inner = inner
+            try:
+                await writer.emit(
+                    records.event("RUN_STARTED", runId=spec.generation_id, threadId=spec.session_id)
+                )
+            except BaseException:
+                await cancel_quietly(inner)
+                raise
             heartbeat = asyncio.create_task(self._heartbeat())
             error: BaseException | None = None
             finish = "stop"

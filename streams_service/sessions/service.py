@@ -37,7 +37,7 @@ from streams_service.observability.telemetry import Telemetry
 from streams_service.sessions import attachments, records
 from streams_service.sessions import repository as repo
 from streams_service.sessions.control import ControlBus
-from streams_service.sessions.generation import GenerationManager, GenerationSpec
+from streams_service.sessions.generation import GenerationManager, GenerationSpec, Handle
 from streams_service.sessions.schemas import CreateSession, SendAccepted, SendMessage
 
 Access = Literal["read", "manage", "own"]
@@ -273,60 +273,96 @@ class SessionService:
         message_id = f"msg_{uuid.uuid4().hex}"
         assistant_id = f"msg_{uuid.uuid4().hex}"
         generation_id = str(uuid.uuid4())
-        async with self.sessionmaker.begin() as db:
-            # The session row stays locked (Postgres) until this commits: a generation that is
-            # finishing saves its answer after we decide, never between our reads, so the
-            # history, ordinals and counts below are the session's latest.
-            row = await self._visible_row(db, sid, who)
-            if body.client_message_id is not None:
-                earlier = await repo.message_by_client_id(db, sid, body.client_message_id)
-                if earlier is not None:
-                    return await self._repeat_send(earlier)
-            if not who.is_system:
-                await self.limiter.hit(
-                    MESSAGE_SEND, sid, user_id=user_id, session_id=sid, record=False
-                )
-            if row.ended_at is not None:
-                raise Conflict("this session has ended; fork it to continue")
-            claimed = False
-            model = model or self.catalog.get(row.model) or self.catalog.default_model
-            if row.active_generation_id is None:
-                messages = await repo.history_rows(db, sid)
-                history = build_history(messages)
-                history.append(
-                    {"role": "user", "content": attachments.user_blocks(content, images)}
-                )
-                remaining, reserve = await self._budget(db, row, who, model, history, now)
-                # Still conditional: SQLite takes no row lock, and a racing send must lose.
-                claimed = await repo.claim_generation(
-                    db, sid, generation_id, reserve, now, count_message=True
-                )
-            if not claimed:
-                retry_after = self.generations.finishing(sid)
-                if retry_after is None:
-                    raise Conflict("a generation is already running in this session; stop it first")
-            else:
-                await repo.insert_message(
-                    db,
-                    session_id=sid,
-                    id=message_id,
-                    ordinal=max((m.ordinal for m in messages), default=0) + 1,
-                    role="user",
-                    content=content,
-                    parts=parts,
-                    status="complete",
-                    client_message_id=body.client_message_id,
-                    generation_id=generation_id,
-                    created_at=now,
-                )
-                await repo.insert_generation(
-                    db,
-                    **self._running_generation(
-                        generation_id, sid, user_id, message_id, assistant_id, model, reserve, now
-                    ),
-                )
-                first_exchange = row.message_count == 0 and not row.title
-        if not claimed:
+        appended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        handle: Handle | None = None
+        try:
+            async with self.sessionmaker.begin() as db:
+                # The session row stays locked (Postgres) until this commits: a generation that
+                # is finishing saves its answer after we decide, never between our reads, so the
+                # history, ordinals and counts below are the session's latest.
+                row = await self._visible_row(db, sid, who)
+                if body.client_message_id is not None:
+                    earlier = await repo.message_by_client_id(db, sid, body.client_message_id)
+                    if earlier is not None:
+                        return await self._repeat_send(earlier)
+                if not who.is_system:
+                    await self.limiter.hit(
+                        MESSAGE_SEND, sid, user_id=user_id, session_id=sid, record=False
+                    )
+                if row.ended_at is not None:
+                    raise Conflict("this session has ended; fork it to continue")
+                claimed = False
+                model = model or self.catalog.get(row.model) or self.catalog.default_model
+                if row.active_generation_id is None:
+                    messages = await repo.history_rows(db, sid)
+                    history = build_history(messages)
+                    history.append(
+                        {"role": "user", "content": attachments.user_blocks(content, images)}
+                    )
+                    remaining, reserve = await self._budget(db, row, who, model, history, now)
+                    # Still conditional: SQLite takes no row lock, and a racing send must lose.
+                    claimed = await repo.claim_generation(
+                        db, sid, generation_id, reserve, now, count_message=True
+                    )
+                if not claimed:
+                    retry_after = self.generations.finishing(sid)
+                    if retry_after is None:
+                        raise Conflict(
+                            "a generation is already running in this session; stop it first"
+                        )
+                else:
+                    # Claimed and reserved, so this send runs: its upstream request goes out
+                    # now, and the rest of this transaction and the user message's append
+                    # happen during Claude's time to first token instead of before it. The
+                    # generation writes nothing to the stream until `appended` resolves, and is
+                    # abandoned if either fails.
+                    handle = self.generations.start(
+                        GenerationSpec(
+                            generation_id=generation_id,
+                            session_id=sid,
+                            user_id=user_id,
+                            message_id=assistant_id,
+                            model=model,
+                            history=history,
+                            stream_path=stream_path(sid),
+                            budget_remaining=remaining,
+                            reserved_usd=reserve,
+                            is_first_exchange=row.message_count == 0 and not row.title,
+                            first_user_text=content,
+                            user_message_id=message_id,
+                            user_appended=appended,
+                        )
+                    )
+                    await repo.insert_message(
+                        db,
+                        session_id=sid,
+                        id=message_id,
+                        ordinal=max((m.ordinal for m in messages), default=0) + 1,
+                        role="user",
+                        content=content,
+                        parts=parts,
+                        status="complete",
+                        client_message_id=body.client_message_id,
+                        generation_id=generation_id,
+                        created_at=now,
+                    )
+                    await repo.insert_generation(
+                        db,
+                        **self._running_generation(
+                            generation_id,
+                            sid,
+                            user_id,
+                            message_id,
+                            assistant_id,
+                            model,
+                            reserve,
+                            now,
+                        ),
+                    )
+        except BaseException:
+            await self._abandon(handle, appended)
+            raise
+        if handle is None:
             # The previous answer has ended on the stream and is only being saved: wait for it
             # (milliseconds) rather than refuse a client that reacted to its end.
             assert retry_after is not None
@@ -335,6 +371,7 @@ class SessionService:
         try:
             offset = await self._append_user_message(sid, message_id, user_id, parts, now)
         except BaseException:
+            await self._abandon(handle, appended)
             # Not on the stream, so not acknowledged: take the message back and free the session.
             async with self.sessionmaker.begin() as db:
                 await db.execute(
@@ -350,25 +387,17 @@ class SessionService:
                     .values(message_count=ChatSession.message_count - 1)
                 )
             raise
-        self.generations.start(
-            GenerationSpec(
-                generation_id=generation_id,
-                session_id=sid,
-                user_id=user_id,
-                message_id=assistant_id,
-                model=model,
-                history=history,
-                stream_path=stream_path(sid),
-                budget_remaining=remaining,
-                reserved_usd=reserve,
-                is_first_exchange=first_exchange,
-                first_user_text=content,
-                user_message_id=message_id,
-                user_offset=offset,
-            )
-        )
+        handle.spec.user_offset = offset
+        appended.set_result(offset)
         self.telemetry.message_sent(sid, user_id, content)
         return SendAccepted(message_id=message_id, generation_id=generation_id, offset=offset)
+
+    async def _abandon(self, handle: Handle | None, appended: asyncio.Future[str]) -> None:
+        """A send failed after its generation started: end that generation, which has written
+        nothing (its first write waits for `appended`, cancelled here) and saves nothing."""
+        appended.cancel()
+        if handle is not None:
+            await self.generations.abandon(handle)
 
     async def _repeat_send(self, earlier: ChatMessage) -> SendAccepted:
         """An idempotent retry: the same ids; the stream append is deduplicated by producer."""

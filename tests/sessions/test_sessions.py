@@ -548,6 +548,8 @@ async def test_a_send_whose_message_cannot_reach_the_stream_is_taken_back(
     assert (await client.delete(f"/v1/stream/sessions/{sid}")).status_code == 204
     response = await client.post(f"/v1/sessions/{sid}/messages", json={"content": "hello"})
     assert response.status_code == 404 and response.json()["error"] == "not_found"
+    # The generation, started before the append, was abandoned with it.
+    assert sid not in services(app).generations.running
     # Nothing half-written: no message, no generation, the session is free and unchanged.
     assert await _counts(app, sid) == (0, 0)
     session = (await client.get(f"/v1/sessions/{sid}")).json()
@@ -555,3 +557,42 @@ async def test_a_send_whose_message_cannot_reach_the_stream_is_taken_back(
     async with services(app).sessions.sessionmaker() as db:
         row = await db.get(ChatSession, sid)
     assert row is not None and row.reserved_usd == 0
+
+
+async def test_a_send_that_fails_after_its_generation_started_leaves_nothing(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream call goes out as soon as the session is claimed, before the send's
+    transaction commits; if the transaction then fails, that generation is abandoned: it
+    writes nothing to the stream, saves nothing, and the session is free again."""
+    from streams_service.errors import ServiceUnavailable
+    from streams_service.sessions import repository
+
+    real_insert = repository.insert_generation
+    started: list[bool] = []
+
+    async def failing_insert(*args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.1)  # the generation runs meanwhile: its upstream call is out
+        started.append(sid in services(app).generations.running)
+        raise ServiceUnavailable("the database went away")
+
+    async with make_app(simulator_ttft_ms=50) as (app, client):
+        sid = await new_session(client)
+        monkeypatch.setattr(repository, "insert_generation", failing_insert)
+        response = await client.post(f"/v1/sessions/{sid}/messages", json={"content": "hi"})
+        assert response.status_code == 503 and response.json()["error"] == "unavailable"
+        assert started == [True]
+        assert sid not in services(app).generations.running
+        await asyncio.sleep(0.3)  # long enough for an orphaned answer to have streamed
+        assert await _counts(app, sid) == (0, 0)
+        assert [r for r in await stream_records(client, sid) if r.get("type") == "chunk"] == []
+        session = (await client.get(f"/v1/sessions/{sid}")).json()
+        assert session["active_generation_id"] is None and session["message_count"] == 0
+        # The session works normally afterwards.
+        monkeypatch.setattr(repository, "insert_generation", real_insert)
+        accepted = await send(client, sid, "hello again")
+        answer = _assistant(await wait_idle(client, sid), accepted["generation_id"])
+        assert await _counts(app, sid) == (2, 1)
+        streamed = text_of(events_of(await stream_records(client, sid), answer["id"]))
+        assert streamed and streamed == answer["parts"][-1]["content"]
+        assert (await _generation(app, accepted["generation_id"])).status == "completed"
