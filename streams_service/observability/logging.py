@@ -324,10 +324,17 @@ def configure_logging(settings: Settings, stream: IO[str] | None = None) -> None
     root.addHandler(handler)
     root.setLevel(level)
     # uvicorn configures handlers of its own; its lines go through ours instead.
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn", "uvicorn.error"):
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
+    # Except its access log: the `request` line (streams_service.access) already records every
+    # request, with its id, status and duration. A uvicorn protocol logs access lines whenever
+    # this logger has handlers, counting the root's, so it must not propagate: otherwise each
+    # request is logged twice (and formatted twice, on the event loop).
+    access = logging.getLogger("uvicorn.access")
+    access.handlers.clear()
+    access.propagate = False
     for name in LEAKY_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     logging.captureWarnings(True)

@@ -303,6 +303,27 @@ def test_a_served_process_writes_only_json_lines_without_secrets(
     ]
 
 
+def test_a_served_process_logs_each_request_once(fresh_database_url: str, tmp_path: Path) -> None:
+    """With an API key (production: no built-in simulator, whose own server setup happened to
+    silence it), uvicorn's access log would repeat every request our `request` line records."""
+    with (
+        ServerProcess(
+            fresh_database_url,
+            tmp_path,
+            LOG_FORMAT="json",
+            ANTHROPIC_API_KEY="sk-ant-test",
+            ANTHROPIC_BASE_URL="http://127.0.0.1:9",  # never called: no message is sent
+        ) as server,
+        httpx.Client(base_url=server.base_url, timeout=30) as http,
+    ):
+        for i in range(3):
+            assert http.get("/v1/models", headers={"X-Request-ID": f"once-{i}"}).status_code == 200
+    lines = json_lines(server.stderr_path.read_text())
+    assert not [line for line in lines if line.get("logger") == "uvicorn.access"]
+    logged = [line["request_id"] for line in lines if line["event"] == "request"]
+    assert [logged.count(f"once-{i}") for i in range(3)] == [1, 1, 1]
+
+
 @pytest.mark.parametrize(
     ("raw", "kept"),
     [
