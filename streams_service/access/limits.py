@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from limits import RateLimitItem, parse
+from limits import RateLimitItem, WindowStats, parse, strategies
 from limits.aio.storage import Storage
 from limits.aio.strategies import MovingWindowRateLimiter
-from limits.storage import storage_from_string
+from limits.storage import MemoryStorage, storage_from_string
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import RateLimitEvent
@@ -60,11 +60,31 @@ class LimitInfo:
     item: RateLimitItem
 
 
-def storage_uri(redis_url: str | None) -> str:
-    if not redis_url:
-        return "async+memory://"
+def storage_uri(redis_url: str) -> str:
     # limits names its async Redis backends async+redis:// and async+rediss:// (TLS, Upstash).
     return "async+" + redis_url
+
+
+class InProcessWindows:
+    """limits' in-memory moving windows (`memory://`) behind the async strategy's interface.
+
+    Not `async+memory://`: on every hit that storage sweeps every key it holds (one per session
+    that sent in the last window), each through a thread-pool hop. Measured at 40 sends a
+    second: 0.15 cores with 50 sessions' keys, 0.77 with 500, all on the event loop. The
+    synchronous storage answers in microseconds without blocking, and its sweep is a
+    background timer thread: 0.02-0.04 cores for the same load."""
+
+    def __init__(self) -> None:
+        self._strategy = strategies.MovingWindowRateLimiter(MemoryStorage())
+
+    async def hit(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
+        return self._strategy.hit(item, *identifiers, cost=cost)
+
+    async def test(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
+        return self._strategy.test(item, *identifiers, cost=cost)
+
+    async def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats:
+        return self._strategy.get_window_stats(item, *identifiers)
 
 
 class RateLimiter:
@@ -82,17 +102,19 @@ class RateLimiter:
                 (AUTH_FAILURE, settings.rate_limit_auth_failures),
             )
         }
-        uri = storage_uri(settings.redis_url)
-        options: dict[str, Any] = {}
+        self.strategy: MovingWindowRateLimiter | InProcessWindows
         if settings.redis_url:
-            # redis-py (already a dependency) rather than limits' default coredis client.
-            options["implementation"] = "redispy"
-            options["socket_timeout"] = STORAGE_TIMEOUT_S
-            options["socket_connect_timeout"] = STORAGE_TIMEOUT_S
-        storage = storage_from_string(uri, **options)
-        assert isinstance(storage, Storage)
-        self.storage = storage
-        self.strategy = MovingWindowRateLimiter(storage)
+            storage = storage_from_string(
+                storage_uri(settings.redis_url),
+                # redis-py (already a dependency) rather than limits' default coredis client.
+                implementation="redispy",
+                socket_timeout=STORAGE_TIMEOUT_S,
+                socket_connect_timeout=STORAGE_TIMEOUT_S,
+            )
+            assert isinstance(storage, Storage)
+            self.strategy = MovingWindowRateLimiter(storage)
+        else:
+            self.strategy = InProcessWindows()
         self.sessionmaker = sessionmaker
         self.on_reject = on_reject
         self.shared = bool(settings.redis_url)
