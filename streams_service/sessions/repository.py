@@ -45,8 +45,22 @@ async def messages_of(db: AsyncSession, session_id: str) -> list[ChatMessage]:
 # Built once and executed with parameters: the statement's compiled form is then found in the
 # cache by a constant key, instead of each call building the expression and walking it (with
 # its literal values) to compute one.
-_SESSION_ROW = select(_SESSIONS).where(_SESSIONS.c.id == bindparam("b_sid"))
-_SESSION_ROW_LOCKED = _SESSION_ROW.with_for_update()
+# A send's first statement: the session locked, with the id of an earlier message carrying the
+# send's client_message_id (NULL when there is none, or no id was given) in the same round trip.
+_SEND_ROW = (
+    select(
+        _SESSIONS,
+        select(_MESSAGES.c.id)
+        .where(
+            _MESSAGES.c.session_id == _SESSIONS.c.id,
+            _MESSAGES.c.client_message_id == bindparam("b_cid"),
+        )
+        .scalar_subquery()
+        .label("earlier_message_id"),
+    )
+    .where(_SESSIONS.c.id == bindparam("b_sid"))
+    .with_for_update(of=_SESSIONS)
+)
 _HISTORY = (
     select(
         _MESSAGES.c.role,
@@ -83,12 +97,14 @@ _SETTLE_SESSION = (
 )
 
 
-async def session_row(
-    db: AsyncSession, session_id: str, *, for_update: bool = False
+async def send_row(
+    db: AsyncSession, session_id: str, client_message_id: str | None
 ) -> Row[Any] | None:
-    """The session's columns as a plain row (attributes named like ChatSession's)."""
-    stmt = _SESSION_ROW_LOCKED if for_update else _SESSION_ROW
-    return (await db.execute(stmt, {"b_sid": session_id})).first()
+    """The session's columns as a plain row (attributes named like ChatSession's), locked until
+    the transaction ends, plus `earlier_message_id`: the message already sent with this
+    client_message_id, if any."""
+    params = {"b_sid": session_id, "b_cid": client_message_id}
+    return (await db.execute(_SEND_ROW, params)).first()
 
 
 async def history_rows(db: AsyncSession, session_id: str) -> Sequence[Row[Any, Any, Any, Any, Any]]:

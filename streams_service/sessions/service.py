@@ -211,9 +211,13 @@ class SessionService:
         row = await repo.get_session(db, sid, for_update=for_update)
         return _check_visible(row, who, need, deleted)
 
-    async def _visible_row(self, db: AsyncSession, sid: str, who: Principal) -> Row[Any]:
-        """`_visible(..., "own", for_update=True)` as a plain row, for the send path."""
-        return _check_visible(await repo.session_row(db, sid, for_update=True), who, "own", False)
+    async def _visible_row(
+        self, db: AsyncSession, sid: str, who: Principal, client_message_id: str | None
+    ) -> Row[Any]:
+        """`_visible(..., "own", for_update=True)` as a plain row, for the send path, with the
+        `earlier_message_id` of `repo.send_row`."""
+        row = await repo.send_row(db, sid, client_message_id)
+        return _check_visible(row, who, "own", False)
 
     def session_out(self, row: ChatSession) -> dict[str, Any]:
         return {
@@ -280,8 +284,9 @@ class SessionService:
                 # The session row stays locked (Postgres) until this commits: a generation that
                 # is finishing saves its answer after we decide, never between our reads, so the
                 # history, ordinals and counts below are the session's latest.
-                row = await self._visible_row(db, sid, who)
-                if body.client_message_id is not None:
+                row = await self._visible_row(db, sid, who, body.client_message_id)
+                if row.earlier_message_id is not None:
+                    assert body.client_message_id is not None
                     earlier = await repo.message_by_client_id(db, sid, body.client_message_id)
                     if earlier is not None:
                         return await self._repeat_send(earlier)
