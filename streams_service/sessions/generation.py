@@ -292,14 +292,17 @@ class _Runner:
             # Upstream first: its request is on the wire while RUN_STARTED is written.
             inner = asyncio.create_task(self._turns())
             self.h.inner = inner
+            # Started before the first wait as well: a task cancelled before it ever ran leaves
+            # its coroutine unawaited when a task factory wraps it (Sentry's asyncio one does).
+            heartbeat = asyncio.create_task(self._heartbeat())
             try:
                 await writer.emit(
                     records.event("RUN_STARTED", runId=spec.generation_id, threadId=spec.session_id)
                 )
             except BaseException:
                 await cancel_quietly(inner)
+                await cancel_quietly(heartbeat)
                 raise
-            heartbeat = asyncio.create_task(self._heartbeat())
             error: BaseException | None = None
             finish = "stop"
             try:
