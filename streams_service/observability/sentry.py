@@ -7,21 +7,17 @@ exception messages replaced by their type, and breadcrumbs reduced to what happe
 line's event name, an HTTP call's method, URL and status), not what was said. Every string
 left is scrubbed of credential shapes and the configured secrets like a log line.
 
-The SDK is process-global; the lifespan initialises it at start and closes it at exit.
+The SDK is process-global; the lifespan initialises it at start and closes it at exit. It is
+imported only then, when a DSN is set: loaded, it and its HTTP stack (urllib3, httpcore) cost
+~4 MB of memory in every process, reporting or not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import TYPE_CHECKING, Any, cast
-
-import sentry_sdk
-from sentry_sdk.integrations.anthropic import AnthropicIntegration
-from sentry_sdk.integrations.asyncio import AsyncioIntegration
-from sentry_sdk.integrations.fastapi import FastApiIntegration
-from sentry_sdk.integrations.logging import LoggingIntegration
-from sentry_sdk.integrations.starlette import StarletteIntegration
 
 from streams_service.config import Settings
 from streams_service.observability import context
@@ -43,6 +39,13 @@ def init_sentry(settings: Settings) -> bool:
     """Start the SDK if a DSN is configured. Returns whether it did."""
     if not settings.sentry_dsn_streams:
         return False
+    import sentry_sdk
+    from sentry_sdk.integrations.anthropic import AnthropicIntegration
+    from sentry_sdk.integrations.asyncio import AsyncioIntegration
+    from sentry_sdk.integrations.fastapi import FastApiIntegration
+    from sentry_sdk.integrations.logging import LoggingIntegration
+    from sentry_sdk.integrations.starlette import StarletteIntegration
+
     redactor = Redactor(secrets_of(settings))
     sentry_sdk.init(
         dsn=settings.sentry_dsn_streams,
@@ -79,6 +82,10 @@ async def close_sentry() -> None:
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, ExceptionReporter)]:
         root.removeHandler(handler)
+    if "sentry_sdk" not in sys.modules:
+        return  # never started
+    import sentry_sdk
+
     client = sentry_sdk.get_client()
     if client.is_active():
         await asyncio.to_thread(client.close, 5.0)
@@ -86,6 +93,10 @@ async def close_sentry() -> None:
 
 
 def enabled() -> bool:
+    if "sentry_sdk" not in sys.modules:
+        return False  # not imported, so never initialised
+    import sentry_sdk
+
     return sentry_sdk.get_client().is_active()
 
 
@@ -95,6 +106,8 @@ def report_generation_failure(
     """A generation that failed for a reason of our own (code "internal")."""
     if not enabled():
         return
+    import sentry_sdk
+
     with sentry_sdk.new_scope() as scope:
         scope.set_tag("session_id", session_id)
         scope.set_tag("generation_id", generation_id)
@@ -108,6 +121,8 @@ def tag_request_scope(ctx: context.RequestContext) -> None:
     request middleware (the SDK reports it further out, after the request context is gone)."""
     if not enabled():
         return
+    import sentry_sdk
+
     scope = sentry_sdk.get_isolation_scope()
     for key, value in ctx.ids().items():
         scope.set_tag(key, value)
@@ -131,6 +146,8 @@ class ExceptionReporter(logging.Handler):
                 exc = exc_info_of(record.msg.get("exc_info"))
         if exc is None:
             return
+        import sentry_sdk  # installed only by init_sentry, which imported it
+
         with sentry_sdk.new_scope() as scope:
             scope.set_tag("logger", record.name)
             if isinstance(event_name, str):

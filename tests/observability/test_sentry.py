@@ -122,3 +122,35 @@ async def test_without_a_dsn_sentry_stays_off(make_app: AppFactory) -> None:
     async with make_app() as (_app, client):
         assert (await client.get("/health")).status_code == 200
         assert not sentry_sdk.get_client().is_active()
+
+
+def test_the_sdk_is_loaded_only_when_a_dsn_is_set(tmp_path: Any) -> None:
+    """Unconfigured, Sentry costs no memory: the service runs without importing it (it and its
+    HTTP stack are ~4 MB of every process). Configured, the lifespan imports and starts it."""
+    import subprocess
+    import sys
+
+    probe = """
+import asyncio, sys
+from streams_service.app import create_app
+from streams_service.config import Settings
+
+async def main(dsn):
+    settings = Settings(database_url="sqlite+aiosqlite:///%s/%s.db" % (sys.argv[1], bool(dsn)),
+                        sentry_dsn_streams=dsn)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        print("sentry_sdk" in sys.modules, end=" ")
+
+asyncio.run(main(None))
+asyncio.run(main("http://public@127.0.0.1:9/1"))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "True"]
