@@ -18,12 +18,14 @@ that ends without `message_stop` is left for the caller to judge (`saw_stop`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anthropic
+import httpx2
 
 Event = dict[str, Any]
 
@@ -204,8 +206,31 @@ def _stream_error(response: Any, data: bytes) -> anthropic.APIStatusError:
 
 @asynccontextmanager
 async def stream_message(
-    client: anthropic.AsyncAnthropic, params: dict[str, Any]
+    client: anthropic.AsyncAnthropic, params: dict[str, Any], *, stall_s: float | None = None
 ) -> AsyncIterator[MessageStream]:
-    """POST /v1/messages with `stream: true` through the SDK; yields the open event stream."""
-    async with client.messages.with_streaming_response.create(stream=True, **params) as response:
+    """POST /v1/messages with `stream: true` through the SDK; yields the open event stream.
+
+    With `stall_s` the caller times every read (`MessageStream.events(read_timeout=...)`), so
+    the HTTP client's own read timeout is switched off for this call: aiohttp re-arms it on
+    every chunk that arrives, a timer cancelled and created per token (~3.5% of the process at
+    300 generations). Opening the stream, up to the response headers, is bounded by `stall_s`
+    here instead (UpstreamStalled, as a read that waits too long)."""
+    options: dict[str, Any] = {}
+    if stall_s is not None:
+        options["timeout"] = _without_read_timeout(client.timeout)
+    async with contextlib.AsyncExitStack() as stack:
+        opening = client.messages.with_streaming_response.create(stream=True, **params, **options)
+        try:
+            async with asyncio.timeout(stall_s):
+                response = await stack.enter_async_context(opening)
+        except TimeoutError:
+            raise UpstreamStalled() from None
         yield MessageStream(response)
+
+
+def _without_read_timeout(timeout: float | httpx2.Timeout | None) -> httpx2.Timeout:
+    if isinstance(timeout, httpx2.Timeout):
+        return httpx2.Timeout(
+            connect=timeout.connect, read=None, write=timeout.write, pool=timeout.pool
+        )
+    return httpx2.Timeout(timeout, read=None)

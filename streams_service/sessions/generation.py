@@ -378,7 +378,7 @@ class _Runner:
         if thinking is not None:
             params["thinking"] = thinking
         stall = self.settings.generation_stall_timeout_s
-        async with stream_message(self.m.client, params) as stream:
+        async with stream_message(self.m.client, params, stall_s=stall) as stream:
             self.ratelimit = {
                 k: v for k, v in stream.headers.items() if k.startswith(RATELIMIT_PREFIX)
             }

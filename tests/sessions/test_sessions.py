@@ -274,11 +274,20 @@ async def test_a_transient_overload_is_retried_by_the_sdk(
     assert generation.status == "completed" and generation.finish_reason == "stop"
 
 
-async def test_the_watchdog_ends_a_stalled_generation(make_app: AppFactory) -> None:
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "stall",  # the stream opens, then nothing more comes
+        "slow",  # no response headers for 10 s (the HTTP client's read timeout is off)
+    ],
+)
+async def test_the_watchdog_ends_a_stalled_generation(make_app: AppFactory, fault: str) -> None:
     async with make_app(generation_stall_timeout_s=0.3) as (app, client):
         sid = await new_session(client)
-        accepted = await send(client, sid, "hang [[fault:stall]]")
+        started = asyncio.get_running_loop().time()
+        accepted = await send(client, sid, f"hang [[fault:{fault}]]")
         session = await wait_idle(client, sid, timeout_s=10)
+        assert asyncio.get_running_loop().time() - started < 5
         generation = await _generation(app, accepted["generation_id"])
         assert generation.error_code == "upstream_cut"
         assistant = _assistant(session, accepted["generation_id"])
