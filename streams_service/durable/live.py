@@ -53,15 +53,24 @@ class TailUpdate:
         )
 
 
+# Commits a channel remembers. A reader woken by one commit may only get its loop turn after
+# the next ones (a busy loop at hundreds of generations): up to this many behind, it is still
+# answered from memory instead of going to the database, which would add to the load that made
+# it late.
+RECENT_UPDATES = 4
+
+
 class Channel:
     """One stream's wake-ups inside this process. `version` counts changes seen since the
-    channel opened; `update` is what the latest change appended, when this process made it."""
+    channel opened; `recent` holds what the latest changes appended (oldest first; None for a
+    change this process did not make, or that appended nothing)."""
 
-    __slots__ = ("_future", "readers", "update", "version")
+    __slots__ = ("_future", "readers", "recent", "version")
 
     def __init__(self) -> None:
         self.version = 0
-        self.update: TailUpdate | None = None
+        # A tuple, not a deque: the empty one is shared, so an idle reader's channel costs none.
+        self.recent: tuple[TailUpdate | None, ...] = ()
         self.readers = 0
         self._future: asyncio.Future[None] | None = None
 
@@ -75,17 +84,32 @@ class Channel:
 
     def changed(self, update: TailUpdate | None) -> None:
         self.version += 1
-        self.update = update
+        self.recent = (*self.recent[1 - RECENT_UPDATES :], update)
         if self._future is not None and not self._future.done():
             self._future.set_result(None)
         self._future = None
 
     def cached_read(self, seen: int, position: int, max_bytes: int) -> ReadResult | None:
-        """The next read answered from memory, when exactly one change happened since `seen`
-        and it appended right where the reader stands."""
-        if self.version != seen + 1 or self.update is None:
+        """The next read answered from memory: every change since `seen` is remembered, was
+        made here, and together they append one unbroken run from where the reader stands."""
+        behind = self.version - seen
+        if not 0 < behind <= len(self.recent):
             return None
-        return self.update.read_from(position, max_bytes)
+        updates = self.recent[-behind:]
+        if behind == 1:
+            return updates[0].read_from(position, max_bytes) if updates[0] is not None else None
+        chunks: list[tuple[int, bytes]] = []
+        state: StreamState | None = None
+        for update in updates:
+            if update is None or not update.chunks:
+                return None
+            end, data = update.chunks[0]
+            if chunks and end - len(data) != chunks[-1][0]:
+                return None  # a gap: another process appended in between (its NOTIFY is late)
+            chunks.extend(update.chunks)
+            state = update.state
+        assert state is not None
+        return TailUpdate(state, chunks).read_from(position, max_bytes)
 
 
 class LiveHub:
