@@ -8,6 +8,7 @@ row (upsert) carries metadata changes so open tabs update live.
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,8 +22,9 @@ def now_iso() -> str:
 
 
 def event(kind: str, **fields: Any) -> dict[str, Any]:
-    """An AG-UI event; every one carries a millisecond timestamp."""
-    return {"type": kind, "timestamp": int(datetime.now(UTC).timestamp() * 1000), **fields}
+    """An AG-UI event; every one carries a millisecond timestamp (Unix epoch, so UTC). Made
+    once per token: `time.time()`, not a datetime object each time."""
+    return {"type": kind, "timestamp": int(time.time() * 1000), **fields}
 
 
 def chunk_record(
