@@ -7,6 +7,7 @@ included) is covered by tests/sessions.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -14,7 +15,12 @@ import anthropic
 import httpx2
 import pytest
 
-from streams_service.llm.stream import MessageAccumulator, MessageStream, SSEFrames
+from streams_service.llm.stream import (
+    MessageAccumulator,
+    MessageStream,
+    SSEFrames,
+    UpstreamStalled,
+)
 
 
 def _sse(name: str, data: dict[str, Any]) -> bytes:
@@ -294,3 +300,65 @@ async def test_the_reader_skips_pings_and_yields_unknown_events() -> None:
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert stream.accumulated.saw_stop
     assert stream.headers["anthropic-ratelimit-requests-remaining"] == "9"
+
+
+class _PacedResponse(_FakeResponse):
+    """Hands over one SSE event per read, waiting `gaps[i]` seconds before read i."""
+
+    def __init__(self, events: list[bytes], gaps: list[float]) -> None:
+        super().__init__(b"")
+        self._events, self._gaps = events, gaps
+
+    async def iter_bytes(self) -> Any:
+        for event, gap in zip(self._events, self._gaps, strict=True):
+            await asyncio.sleep(gap)
+            yield event
+
+
+def _pings(n: int) -> list[bytes]:
+    return [_sse("message_start", START)] + [_sse("ping", {"type": "ping"})] * (n - 1)
+
+
+async def test_a_read_waiting_past_the_read_timeout_is_a_stall() -> None:
+    stream = MessageStream(_PacedResponse(_pings(3), [0, 0.01, 5.0]))
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(UpstreamStalled):
+        async for _event in stream.events(read_timeout=0.2):
+            pass
+    assert asyncio.get_running_loop().time() - started < 2.0
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_only_reads_are_timed_not_the_time_between_them() -> None:
+    # Each read answers at once; the consumer is slow (0.15 s per event, 0.45 s in all).
+    stream = MessageStream(_PacedResponse(_pings(3), [0, 0, 0]))
+    seen = 0
+    async for _event in stream.events(read_timeout=0.1):
+        seen += 1
+        await asyncio.sleep(0.15)
+    assert seen == 1  # message_start; the pings are skipped
+
+
+async def test_a_cancel_during_a_read_stays_a_cancel() -> None:
+    """A stop cancels the reading task; even when the watchdog's timer fires in the same loop
+    turn, the generation sees the stop, not a stall."""
+    import time
+
+    for watchdog_fires_too in (False, True):
+        stream = MessageStream(_PacedResponse(_pings(2), [0, 5.0]))
+
+        async def read_all(
+            s: MessageStream = stream, timeout: float = 0.05 if watchdog_fires_too else 30
+        ) -> None:
+            async for _event in s.events(read_timeout=timeout):
+                pass
+
+        task = asyncio.create_task(read_all())
+        await asyncio.sleep(0.01)  # the task is waiting on its second read
+        loop = asyncio.get_running_loop()
+        loop.call_at(loop.time() + 0.045, task.cancel)  # due just after the watchdog
+        # Block the loop past both: they then run in one turn, before the task resumes.
+        time.sleep(0.1)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
