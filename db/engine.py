@@ -55,10 +55,16 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _prepare_sqlite(url: URL, sync_engine: Engine, begin_sql: str | None) -> None:
+def ensure_sqlite_directory(url: URL) -> None:
+    """Create the folder a SQLite file lives in: SQLite creates the file but not its folder
+    (the default `./.data/chatops.db` from a fresh directory)."""
     database = url.database or ""
-    if database and database != ":memory:":
+    if url.get_backend_name() == "sqlite" and database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _prepare_sqlite(url: URL, sync_engine: Engine, begin_sql: str | None) -> None:
+    ensure_sqlite_directory(url)
     event.listen(sync_engine, "connect", _sqlite_pragmas)
 
     @event.listens_for(sync_engine, "connect")

@@ -7,7 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from db.engine import sync_url
+from db.engine import ensure_sqlite_directory, sync_url
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -22,6 +22,7 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
+    ensure_sqlite_directory(sync_url(database_url))
     command.upgrade(alembic_config(database_url), revision)
 
 

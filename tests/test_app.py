@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, inspect
 from db.engine import normalize_database_url, sync_url
 from streams_service.app import create_app
 from streams_service.config import Settings
-from tests.support import REPO_ROOT, chatops_bin, migrate, postgres_database
+from tests.support import REPO_ROOT, chatops_bin, free_port, migrate, postgres_database, terminate
 
 
 async def test_health_and_ready(client: httpx.AsyncClient) -> None:
@@ -138,3 +138,38 @@ async def test_a_served_app_freezes_its_startup_heap(tmp_path: Path) -> None:
                 assert (await client.get("/health")).status_code == 200
     finally:
         gc.unfreeze()
+
+
+def test_serve_from_a_fresh_directory_creates_its_sqlite_folder(tmp_path: Path) -> None:
+    """The embedded default (`./.data/chatops.db`) works wherever `chatops serve` starts: the
+    start-up migration creates the folder instead of failing with "unable to open database
+    file"."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ANTHROPIC_API_KEY")}
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [str(chatops_bin()), "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "not ready within 60 s"
+                time.sleep(0.2)
+    finally:
+        terminate(proc)
+        log.close()
+    assert (tmp_path / ".data" / "chatops.db").is_file()
