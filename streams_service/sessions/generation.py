@@ -68,13 +68,21 @@ class GenerationSpec:
     reserved_usd: Decimal
     is_first_exchange: bool = False
     first_user_text: str = ""
-    # The user message this answers and its stream offset, recorded with the answer.
+    # The user message this answers, recorded with the answer.
     user_message_id: str | None = None
-    user_offset: str | None = None
-    # The user message's append, when the generation starts before it has landed: the upstream
-    # call goes out at once (Claude's time to first token hides the write), but nothing is
-    # written to the stream until this resolves, so the answer always follows the question.
+    # The user message's append (its stream offset), when the generation starts before it has
+    # landed: the upstream call goes out at once (Claude's time to first token hides the
+    # write), but nothing is written to the stream until this resolves, so the answer always
+    # follows the question.
     user_appended: asyncio.Future[str] | None = None
+
+    @property
+    def user_offset(self) -> str | None:
+        """The user message's stream offset, once its append has landed."""
+        appended = self.user_appended
+        if appended is None or not appended.done() or appended.cancelled():
+            return None
+        return appended.result()
 
 
 @dataclass

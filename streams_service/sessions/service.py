@@ -392,7 +392,6 @@ class SessionService:
                     .values(message_count=ChatSession.message_count - 1)
                 )
             raise
-        handle.spec.user_offset = offset
         appended.set_result(offset)
         self.telemetry.message_sent(sid, user_id, content)
         return SendAccepted(message_id=message_id, generation_id=generation_id, offset=offset)
