@@ -15,7 +15,7 @@ from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from db.engine import create_writer_engine
-from streams_service.durable import sql, writer
+from streams_service.durable import sql, staging, writer
 from streams_service.durable.live import LiveHub
 from streams_service.durable.model import (
     AppendOutcome,
@@ -65,7 +65,7 @@ class StreamStore:
 
     async def append(self, path: str, request: AppendRequest) -> AppendOutcome:
         future: asyncio.Future[AppendOutcome] = asyncio.get_running_loop().create_future()
-        self.writer.submit(writer.AppendOp(path, request, future))
+        self.writer.submit(staging.AppendOp(path, request, future))
         return await future
 
     async def append_many(self, path: str, requests: list[AppendRequest]) -> list[AppendOutcome]:
@@ -75,7 +75,7 @@ class StreamStore:
         futures: list[asyncio.Future[AppendOutcome]] = []
         for request in requests:
             futures.append(loop.create_future())
-            self.writer.submit(writer.AppendOp(path, request, futures[-1]))
+            self.writer.submit(staging.AppendOp(path, request, futures[-1]))
         return list(await asyncio.gather(*futures))
 
     async def create(self, path: str, request: CreateRequest) -> CreateOutcome:

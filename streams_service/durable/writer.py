@@ -34,13 +34,10 @@ from streams_service.durable import sql
 from streams_service.durable.live import LiveHub, TailUpdate
 from streams_service.durable.model import (
     DEFAULT_CONTENT_TYPE,
-    AppendOutcome,
-    AppendRequest,
     Availability,
     CreateOutcome,
     CreateRequest,
     StreamState,
-    check_live,
     encode_json_append,
     gone,
     is_json,
@@ -50,13 +47,13 @@ from streams_service.durable.model import (
     missing,
     now_ms,
 )
-from streams_service.durable.offsets import format_offset
+from streams_service.durable.pg_batch import PgBatches
 from streams_service.durable.sql import messages, producers, streams
+from streams_service.durable.staging import AppendOp, BatchResult, stage_appends
 from streams_service.errors import (
     AppError,
     BadRequest,
     Conflict,
-    Forbidden,
     NotFound,
     ServiceUnavailable,
 )
@@ -69,13 +66,6 @@ PRODUCER_STATE_TTL_MS = 7 * 24 * 3600 * 1000
 MAX_BATCH = 512
 # Bytes of append payload one transaction carries at most (big appends commit in smaller groups).
 MAX_BATCH_BYTES = 16 * 1024 * 1024
-
-
-@dataclass(slots=True)
-class AppendOp:
-    path: str
-    request: AppendRequest
-    future: asyncio.Future[AppendOutcome]
 
 
 @dataclass(slots=True)
@@ -104,8 +94,14 @@ class StreamWriter:
         self._pending: deque[Op] = deque()
         self._thread = threading.Thread(target=self._run, name="ds-writer", daemon=True)
         self.is_postgres = engine.dialect.name == "postgresql"
+        self._pg = PgBatches(hub)
         self.appends_committed = 0
         self.batches_committed = 0
+
+    @property
+    def known_commits(self) -> int:
+        """Batches committed in one round trip against remembered state (durable/pg_batch.py)."""
+        return self._pg.known_commits
 
     # ------------------------------------------------------------------ called from the loop
 
@@ -186,6 +182,9 @@ class StreamWriter:
     def _run_control(self, op: ControlOp) -> None:
         if op.future.cancelled():
             return
+        # Creates, deletes and sweeps change streams behind the batches' memory of them. The
+        # known way would notice; forgetting is cheaper than the failed attempt.
+        self._pg.known.forget()
         outcome: Any
         for attempt in (1, 2):
             try:
@@ -266,52 +265,11 @@ class StreamWriter:
         return staged.result()
 
     def _commit_batch_pg(self, appends: list[AppendOp], now: int) -> BatchResult:
-        """The same transaction in two round trips, with psycopg's pipeline mode: the stream rows
-        (locked) and producer states come back together; then every write and the COMMIT go
-        out together. On this hot path, round trips are most of a commit's latency."""
-        paths = sorted({op.path for op in appends})
-        pids = sorted({op.request.producer.id for op in appends if op.request.producer})
         raw = self._engine.raw_connection()
         try:
             pg = raw.driver_connection
             assert pg is not None
-            with pg.pipeline() as pipeline, pg.cursor() as cur_streams, pg.cursor() as cur_prod:
-                cur_streams.execute(_PG_LOCK_STREAMS, {"paths": paths})
-                if pids:
-                    cur_prod.execute(_PG_PRODUCERS, {"paths": paths, "pids": pids})
-                pipeline.sync()
-                columns = [c.name for c in cur_streams.description or ()]
-                states = {
-                    state.path: state
-                    for state in (
-                        StreamState.from_row(_Row(dict(zip(columns, r, strict=True))))
-                        for r in cur_streams.fetchall()
-                    )
-                }
-                producer_state: dict[tuple[int, str], tuple[int, int]] = {}
-                if pids:
-                    producer_state = {(r[0], r[1]): (r[2], r[3]) for r in cur_prod.fetchall()}
-                staged = stage_appends(appends, states, producer_state, now)
-                if staged.messages:
-                    cur_streams.execute(_PG_INSERT_MESSAGES, _pg_message_params(staged.messages))
-                if staged.dirty:
-                    cur_streams.execute(_PG_UPDATE_STREAMS, _pg_stream_arrays(staged.dirty))
-                if staged.dirty_producers:
-                    keys = sorted(staged.dirty_producers)
-                    cur_streams.execute(
-                        _PG_UPSERT_PRODUCERS,
-                        {
-                            "sids": [k[0] for k in keys],
-                            "pids": [k[1] for k in keys],
-                            "epochs": [producer_state[k][0] for k in keys],
-                            "seqs": [producer_state[k][1] for k in keys],
-                            "now": now,
-                        },
-                    )
-                for payload in self._hub.payloads(sorted(staged.dirty)):
-                    cur_streams.execute("SELECT pg_notify('ds_append', %(p)s)", {"p": payload})
-                # Inside the pipeline: the COMMIT travels with the writes, one round trip.
-                pg.commit()
+            return self._pg.commit(pg, appends, now)
         except BaseException:
             with contextlib.suppress(Exception):
                 raw.driver_connection.rollback()  # type: ignore[union-attr]
@@ -319,7 +277,6 @@ class StreamWriter:
             raise
         finally:
             raw.close()
-        return staged.result()
 
     def _load_producers(
         self, conn: Connection, appends: list[AppendOp], states: dict[str, StreamState]
@@ -560,239 +517,6 @@ def sweep(conn: Connection, now: int) -> int:
 
 
 # ---------------------------------------------------------------------- appends
-
-
-BatchResult = tuple[
-    list[tuple["AppendOp", AppendOutcome | AppError]], set[int], dict[int, TailUpdate]
-]
-
-
-@dataclass
-class Staged:
-    """A batch validated against locked state, with the writes it implies."""
-
-    outcomes: list[tuple[AppendOp, AppendOutcome | AppError]] = field(default_factory=list)
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    dirty: dict[int, StreamState] = field(default_factory=dict)
-    dirty_producers: set[tuple[int, str]] = field(default_factory=set)
-
-    def result(self) -> BatchResult:
-        updates: dict[int, TailUpdate] = {}
-        for message in self.messages:
-            sid = message["stream_id"]
-            if sid not in updates:
-                updates[sid] = TailUpdate(self.dirty[sid], [])
-            updates[sid].chunks.append((message["end_pos"], message["data"]))
-        return self.outcomes, set(self.dirty), updates
-
-
-def stage_appends(
-    appends: list[AppendOp],
-    states: dict[str, StreamState],
-    producer_state: dict[tuple[int, str], tuple[int, int]],
-    now: int,
-) -> Staged:
-    staged = Staged()
-    for op in appends:
-        try:
-            outcome = apply_append(
-                op.path,
-                op.request,
-                states.get(op.path),
-                producer_state,
-                now,
-                staged.messages,
-                staged.dirty_producers,
-            )
-        except AppError as exc:
-            staged.outcomes.append((op, exc))
-            continue
-        state = states[op.path]
-        staged.dirty[state.id] = state
-        staged.outcomes.append((op, outcome))
-    return staged
-
-
-def apply_append(
-    path: str,
-    req: AppendRequest,
-    state: StreamState | None,
-    producer_state: dict[tuple[int, str], tuple[int, int]],
-    now: int,
-    new_messages: list[dict[str, Any]],
-    dirty_producers: set[tuple[int, str]],
-) -> AppendOutcome:
-    """Validate one append against the (locked) stream and stage its writes. Nothing is staged
-    unless every check passes, so a rejected request leaves no trace. Checks follow the
-    protocol's precedence: closed, then content type, then producer, then Stream-Seq."""
-    state = check_live(state, path, now)
-    producer = req.producer
-    if state.closed:
-        if producer is not None and state.closed_by == (producer.id, producer.epoch, producer.seq):
-            # A retry of the request that closed the stream.
-            return AppendOutcome(
-                204,
-                state.tail,
-                closed=True,
-                producer_epoch=producer.epoch,
-                producer_seq=producer.seq,
-            )
-        if req.body is None and producer is None:
-            state.touch(now)
-            return AppendOutcome(204, state.tail, closed=True)
-        raise Conflict(
-            "stream is closed",
-            headers={"Stream-Closed": "true", "Stream-Next-Offset": format_offset(state.tail)},
-        )
-    if (
-        req.body is not None
-        and req.content_type is not None
-        and media_type(req.content_type) != media_type(state.content_type)
-    ):
-        raise Conflict(
-            f"Content-Type {media_type(req.content_type)!r} does not match the stream's "
-            f"{media_type(state.content_type)!r}"
-        )
-    proposed: tuple[int, int] | None = None
-    key = (state.id, producer.id) if producer is not None else None
-    if producer is not None and key is not None:
-        current = producer_state.get(key)
-        if current is None:
-            if producer.seq != 0:
-                raise _gap(0, producer.seq)
-            proposed = (producer.epoch, 0)
-        else:
-            epoch, last_seq = current
-            if producer.epoch < epoch:
-                raise Forbidden("stale producer epoch", headers={"Producer-Epoch": str(epoch)})
-            if producer.epoch > epoch:
-                if producer.seq != 0:
-                    raise BadRequest("a new producer epoch must start at Producer-Seq 0")
-                proposed = (producer.epoch, 0)
-            elif producer.seq <= last_seq:
-                return AppendOutcome(
-                    204, state.tail, producer_epoch=producer.epoch, producer_seq=last_seq
-                )
-            elif producer.seq == last_seq + 1:
-                proposed = (producer.epoch, producer.seq)
-            else:
-                raise _gap(last_seq + 1, producer.seq)
-    if (
-        req.stream_seq is not None
-        and state.last_stream_seq is not None
-        and req.stream_seq <= state.last_stream_seq
-    ):
-        raise Conflict(
-            f"Stream-Seq {req.stream_seq!r} is not after the last one ({state.last_stream_seq!r})"
-        )
-    data: bytes | None = None
-    if req.body is not None:
-        data = req.body
-        if is_json(state.content_type):
-            data = encode_json_append(req.body, allow_empty=False)
-    # Every check passed: stage the writes.
-    if data is not None:
-        state.tail += len(data)
-        new_messages.append({"stream_id": state.id, "end_pos": state.tail, "data": data})
-    if proposed is not None and key is not None:
-        producer_state[key] = proposed
-        dirty_producers.add(key)
-    if req.stream_seq is not None:
-        state.last_stream_seq = req.stream_seq
-    if req.close:
-        state.closed = True
-        state.closed_by = (producer.id, producer.epoch, producer.seq) if producer else None
-    state.touch(now)
-    return AppendOutcome(
-        # A producer's accepted append is 200; a close-only request has nothing to show: 204.
-        200 if producer is not None and data is not None else 204,
-        state.tail,
-        closed=req.close,
-        producer_epoch=producer.epoch if producer else None,
-        producer_seq=producer.seq if producer else None,
-    )
-
-
-def _gap(expected: int, received: int) -> Conflict:
-    return Conflict(
-        "producer sequence gap",
-        headers={"Producer-Expected-Seq": str(expected), "Producer-Received-Seq": str(received)},
-    )
-
-
-class _Row:
-    """Attribute access over a psycopg row, the shape StreamState.from_row reads."""
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.__dict__.update(values)
-
-
-_PG_LOCK_STREAMS = "SELECT * FROM ds_streams WHERE path = ANY(%(paths)s) ORDER BY id FOR UPDATE"
-_PG_PRODUCERS = (
-    "SELECT p.stream_id, p.producer_id, p.epoch, p.last_seq FROM ds_producers p "
-    "JOIN ds_streams s ON s.id = p.stream_id "
-    "WHERE s.path = ANY(%(paths)s) AND p.producer_id = ANY(%(pids)s)"
-)
-# The batch's payloads travel as one bytea and its numbers as comma-separated text, split
-# server-side: adapting a Python list of N values costs Python work per element, under the GIL
-# the request handlers need; joining strings and bytes does not.
-_PG_INSERT_MESSAGES = (
-    "INSERT INTO ds_messages (stream_id, end_pos, data) "
-    "SELECT v.sid, v.pos, substring(%(blob)s::bytea FROM v.start FOR v.len) "
-    "FROM unnest(string_to_array(%(sids)s, ',')::bigint[], "
-    "string_to_array(%(pos)s, ',')::bigint[], string_to_array(%(starts)s, ',')::int[], "
-    "string_to_array(%(lens)s, ',')::int[]) AS v(sid, pos, start, len)"
-)
-
-
-def _pg_message_params(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    datas = [r["data"] for r in rows]
-    starts: list[int] = []
-    at = 1  # substring() counts from 1
-    for data in datas:
-        starts.append(at)
-        at += len(data)
-    return {
-        "blob": b"".join(datas),
-        "sids": ",".join(str(r["stream_id"]) for r in rows),
-        "pos": ",".join(str(r["end_pos"]) for r in rows),
-        "starts": ",".join(map(str, starts)),
-        "lens": ",".join(str(len(d)) for d in datas),
-    }
-
-
-_PG_UPDATE_STREAMS = (
-    "UPDATE ds_streams AS s SET tail = v.tail, closed = v.closed, "
-    "closed_by_producer = v.cbp, closed_by_epoch = v.cbe, closed_by_seq = v.cbs, "
-    "last_stream_seq = v.seq, accessed_ms = v.acc, expiry_ms = v.exp "
-    "FROM unnest(%(ids)s::bigint[], %(tails)s::bigint[], %(closed)s::boolean[], "
-    "%(cbp)s::text[], %(cbe)s::bigint[], %(cbs)s::bigint[], %(seq)s::text[], "
-    "%(acc)s::bigint[], %(exp)s::bigint[]) "
-    "AS v(id, tail, closed, cbp, cbe, cbs, seq, acc, exp) WHERE s.id = v.id"
-)
-_PG_UPSERT_PRODUCERS = (
-    "INSERT INTO ds_producers (stream_id, producer_id, epoch, last_seq, updated_ms) "
-    "SELECT v.sid, v.pid, v.epoch, v.seq, %(now)s "
-    "FROM unnest(%(sids)s::bigint[], %(pids)s::text[], %(epochs)s::bigint[], %(seqs)s::bigint[]) "
-    "AS v(sid, pid, epoch, seq) "
-    "ON CONFLICT (stream_id, producer_id) DO UPDATE SET epoch = excluded.epoch, "
-    "last_seq = excluded.last_seq, updated_ms = excluded.updated_ms"
-)
-
-
-def _pg_stream_arrays(dirty: dict[int, StreamState]) -> dict[str, list[Any]]:
-    states = list(dirty.values())
-    return {
-        "ids": [s.id for s in states],
-        "tails": [s.tail for s in states],
-        "closed": [s.closed for s in states],
-        "cbp": [s.closed_by[0] if s.closed_by else None for s in states],
-        "cbe": [s.closed_by[1] if s.closed_by else None for s in states],
-        "cbs": [s.closed_by[2] if s.closed_by else None for s in states],
-        "seq": [s.last_stream_seq for s in states],
-        "acc": [s.accessed_ms for s in states],
-        "exp": [s.expiry_ms() for s in states],
-    }
 
 
 _UPDATE_STREAM = (
