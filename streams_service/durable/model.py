@@ -189,6 +189,10 @@ class AppendRequest:
     stream_seq: str | None = None
     producer: Producer | None = None
     close: bool = False
+    # The body is a non-empty JSON array this process encoded itself (sessions/records.py), so
+    # a JSON stream stores its values without parsing it again: the session hot path. Never set
+    # from a request: a client's body is always validated.
+    encoded_json: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +250,14 @@ def encode_json_append(body: bytes, *, allow_empty: bool) -> bytes:
         raise BadRequest("an empty JSON array appends nothing")
     inner = text.strip()[1:-1].strip()
     return inner.encode()
+
+
+def encoded_json_values(body: bytes) -> bytes:
+    """What a JSON stream stores of an array this process encoded (`AppendRequest.encoded_json`):
+    the values between its brackets. Anything else is validated as a client's body would be."""
+    if len(body) > 2 and body[:1] == b"[" and body[-1:] == b"]":
+        return body[1:-1]
+    return encode_json_append(body, allow_empty=False)
 
 
 def json_items(stored: bytes) -> list[Any]:

@@ -138,8 +138,9 @@ class KnownState:
         if len(self.streams) >= self._limit or len(self.producers) >= self._limit:
             self.forget()
         for state in states:
-            # A copy: staging mutates the states it is given.
-            self.streams[state.path] = dataclasses.replace(state)
+            # Kept as given: each batch stages against its own copies (_stage_known) or states
+            # fresh from the database, and nothing else holds them after the commit.
+            self.streams[state.path] = state
         for key in keys:
             self.producers[key] = producers[key]
 

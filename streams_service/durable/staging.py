@@ -15,6 +15,7 @@ from streams_service.durable.model import (
     StreamState,
     check_live,
     encode_json_append,
+    encoded_json_values,
     is_json,
     media_type,
 )
@@ -156,7 +157,11 @@ def apply_append(
     if req.body is not None:
         data = req.body
         if is_json(state.content_type):
-            data = encode_json_append(req.body, allow_empty=False)
+            data = (
+                encoded_json_values(req.body)
+                if req.encoded_json
+                else encode_json_append(req.body, allow_empty=False)
+            )
     # Every check passed: stage the writes.
     if data is not None:
         state.tail += len(data)

@@ -163,7 +163,10 @@ class ChunkWriter:
 
     async def _append(self, body: bytes) -> None:
         producer = Producer(self._producer_id, 0, self._producer_seq)
-        request = AppendRequest(body=body, content_type="application/json", producer=producer)
+        # `body` is records.encode() of a non-empty batch (_freeze): no need to parse it again.
+        request = AppendRequest(
+            body=body, content_type="application/json", producer=producer, encoded_json=True
+        )
         deadline = time.monotonic() + self._retry_for_s
         delay = 0.1
         while True:

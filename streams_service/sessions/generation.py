@@ -26,7 +26,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import ChatSession, Generation
 from streams_service.config import Settings
-from streams_service.durable.model import AppendRequest
 from streams_service.durable.store import StreamStore
 from streams_service.errors import DATABASE_UNAVAILABLE
 from streams_service.llm import tools as tool_registry
@@ -1034,9 +1033,7 @@ async def recover_interrupted(
             created_at=records.now_iso(),
         )
         try:
-            await store.append(
-                path, AppendRequest(body=records.encode([row]), content_type="application/json")
-            )
+            await store.append(path, records.append([row]))
         except Exception as exc:
             log.warning("recovery_append_failed", error=type(exc).__name__)
         closed += 1

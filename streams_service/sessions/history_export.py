@@ -21,7 +21,7 @@ from pydantic_core import to_jsonable_python
 from db.models import ChatMessage, ChatSession
 from streams_service.access.limits import SESSION_CREATE
 from streams_service.access.principal import Principal
-from streams_service.durable.model import AppendRequest, CreateRequest
+from streams_service.durable.model import CreateRequest
 from streams_service.durable.offsets import format_offset
 from streams_service.errors import BadRequest, PayloadTooLarge
 from streams_service.ops import audit
@@ -192,12 +192,7 @@ async def import_document(
         await sessions._publish_session(row)
         outcomes = await sessions.store.append_many(
             path,
-            [
-                AppendRequest(
-                    body=records.encode(_records(doc, i, who)), content_type="application/json"
-                )
-                for i in range(len(doc.messages))
-            ],
+            [records.append(_records(doc, i, who)) for i in range(len(doc.messages))],
         )
         async with sessions.sessionmaker.begin() as db:
             db.add(row)

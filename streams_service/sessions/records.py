@@ -12,6 +12,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from streams_service.durable.model import AppendRequest, Producer
+
 
 def iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
@@ -87,3 +89,11 @@ def session_record(session_id: str, value: dict[str, Any]) -> dict[str, Any]:
 def encode(records: list[dict[str, Any]]) -> bytes:
     """One append of several records: a JSON array is stored as that many stream messages."""
     return json.dumps(records, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def append(records: list[dict[str, Any]], producer: Producer | None = None) -> AppendRequest:
+    """The append of these records to a session stream. Encoded here, so the store need not
+    parse the body again to validate it."""
+    return AppendRequest(
+        body=encode(records), content_type="application/json", producer=producer, encoded_json=True
+    )

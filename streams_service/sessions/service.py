@@ -246,9 +246,8 @@ class SessionService:
             "deletedAt": records.iso(row.deleted_at) if row.deleted_at else None,
             "updatedAt": records.iso(row.updated_at),
         }
-        body = records.encode([records.session_record(row.id, value)])
         await self.store.append(
-            stream_path(row.id), AppendRequest(body=body, content_type="application/json")
+            stream_path(row.id), records.append([records.session_record(row.id, value)])
         )
 
     # ------------------------------------------------------------------ messages
@@ -430,12 +429,8 @@ class SessionService:
         )
         outcome = await self.store.append(
             stream_path(sid),
-            AppendRequest(
-                body=records.encode([record]),
-                content_type="application/json",
-                # One producer per message: a retried append is recognised, never doubled.
-                producer=Producer(f"msg-{message_id}", 0, 0),
-            ),
+            # One producer per message: a retried append is recognised, never doubled.
+            records.append([record], Producer(f"msg-{message_id}", 0, 0)),
         )
         assert outcome.next_offset_pos is not None
         return format_offset(outcome.next_offset_pos)
@@ -494,7 +489,7 @@ class SessionService:
         )
         outcome = await self.store.append(
             stream_path(sid),
-            AppendRequest(body=records.encode([notice]), content_type="application/json"),
+            records.append([notice]),
         )
         assert outcome.next_offset_pos is not None
         self.generations.start(
