@@ -182,9 +182,6 @@ class StreamWriter:
     def _run_control(self, op: ControlOp) -> None:
         if op.future.cancelled():
             return
-        # Creates, deletes and sweeps change streams behind the batches' memory of them. The
-        # known way would notice; forgetting is cheaper than the failed attempt.
-        self._pg.known.forget()
         outcome: Any
         for attempt in (1, 2):
             try:

@@ -182,7 +182,8 @@ class MessageStream:
                         continue  # the SDK's decoder skips these too
                     if name == "error":
                         raise _stream_error(self._response, data)
-                    event = json.loads(data)
+                    # Decoded first: json.loads on bytes sniffs their encoding in Python, per event.
+                    event = json.loads(data.decode())
                     if not isinstance(event, dict):
                         continue
                     self.accumulated.add(event)

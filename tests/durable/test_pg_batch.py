@@ -167,3 +167,16 @@ async def test_a_producer_believed_new_that_exists_is_checked(
     accepted = await _append(a, "late-1", Producer("late", 0, 1))
     assert accepted.status == 200
     assert await _values(a) == ["x", "y", "late-1"]
+
+
+async def test_a_stream_deleted_and_created_again_is_not_mistaken_for_the_old_one(
+    stores: tuple[StreamStore, StreamStore],
+) -> None:
+    a, _ = stores
+    await _append(a, "old-1")
+    await _append(a, "old-2")  # remembered, under the old stream's id
+    await a.delete(PATH)
+    await a.create(PATH, CreateRequest(content_type="application/json"))
+    first = await _append(a, "new")
+    assert await _values(a) == ["new"]
+    assert first.next_offset_pos == (await a.head(PATH)).tail
