@@ -177,23 +177,90 @@ class MessageStream:
                 finally:
                     watchdog.reading(None)
                 waited = loop.time() - started > _WAITED_S
-                for name, data in frames.feed(chunk):
-                    if name is None or name == "ping" or not data:
-                        continue  # the SDK's decoder skips these too
-                    if name == "error":
-                        raise _stream_error(self._response, data)
-                    # Decoded first: json.loads on bytes sniffs their encoding in Python, per event.
-                    event = json.loads(data.decode())
-                    if not isinstance(event, dict):
-                        continue
+                events, error = self._decode(frames.feed(chunk))
+                for event in events:
                     self.accumulated.add(event)
                     yield event
+                if error is not None:
+                    raise error
                 if waited and pause is not None:
                     delay = pause()
                     if delay > 0:
                         await asyncio.sleep(delay)
         finally:
             watchdog.close()
+
+    def _decode(
+        self, frames: list[tuple[str | None, bytes]]
+    ) -> tuple[list[Event], anthropic.APIStatusError | None]:
+        """One read's events, consecutive deltas to the same block merged (`merge_deltas`), and
+        the error event that ended them, if one did (what came before it is still delivered)."""
+        events: list[Event] = []
+        for name, data in frames:
+            if name is None or name == "ping" or not data:
+                continue  # the SDK's decoder skips these too
+            if name == "error":
+                return merge_deltas(events), _stream_error(self._response, data)
+            # Decoded first: json.loads on bytes sniffs their encoding in Python, per event.
+            event = json.loads(data.decode())
+            if isinstance(event, dict):
+                events.append(event)
+        return merge_deltas(events), None
+
+
+# Delta types whose pieces concatenate, and the field carrying them.
+_CONCATENATED = {
+    "text_delta": "text",
+    "thinking_delta": "thinking",
+    "input_json_delta": "partial_json",
+}
+
+
+def merge_deltas(events: list[Event]) -> list[Event]:
+    """Consecutive `content_block_delta`s of one block and one kind, as one event carrying their
+    pieces joined: exactly what accumulating them one by one builds, and what the session
+    stream would have merged anyway before writing. Upstream sends a delta every few tokens; a
+    read after a pause holds several, and each one would cost the generation's whole event
+    path. Other events pass unchanged, in order."""
+    merged: list[Event] = []
+    pieces: list[str] = []  # of the last merged delta, joined when it is complete
+    for event in events:
+        last = merged[-1] if merged else None
+        field = _mergeable(last, event)
+        if last is not None and field is not None:
+            if not pieces:
+                pieces.append(last["delta"][field])
+            pieces.append(event["delta"][field])
+            continue
+        _join(last, pieces)
+        merged.append(event)
+    _join(merged[-1] if merged else None, pieces)
+    return merged
+
+
+def _mergeable(last: Event | None, event: Event) -> str | None:
+    """The delta field `event` extends `last` by, or None when it does not."""
+    if last is None or event.get("type") != "content_block_delta":
+        return None
+    if last.get("type") != "content_block_delta" or last.get("index") != event.get("index"):
+        return None
+    before, after = last.get("delta"), event.get("delta")
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return None
+    kind = before.get("type")
+    field = _CONCATENATED.get(kind) if isinstance(kind, str) else None
+    if field is None or after.get("type") != kind:
+        return None
+    if not isinstance(before.get(field), str) or not isinstance(after.get(field), str):
+        return None
+    return field
+
+
+def _join(event: Event | None, pieces: list[str]) -> None:
+    if event is not None and pieces:
+        delta = event["delta"]
+        delta[_CONCATENATED[delta["type"]]] = "".join(pieces)
+    pieces.clear()
 
 
 class _ReadWatchdog:

@@ -20,6 +20,7 @@ from streams_service.llm.stream import (
     MessageStream,
     SSEFrames,
     UpstreamStalled,
+    merge_deltas,
 )
 
 
@@ -300,6 +301,106 @@ async def test_the_reader_skips_pings_and_yields_unknown_events() -> None:
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert stream.accumulated.saw_stop
     assert stream.headers["anthropic-ratelimit-requests-remaining"] == "9"
+
+
+def _text_stream(pieces: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        ("message_start", START),
+        (
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}},
+        ),
+        *(
+            (
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": p},
+                },
+            )
+            for p in pieces
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+
+
+class _OneRead(_FakeResponse):
+    """The whole body in one read, as after a pause in which upstream sent several events."""
+
+    async def iter_bytes(self) -> Any:
+        yield self._body
+
+
+def _built(events: list[dict[str, Any]]) -> MessageAccumulator:
+    acc = MessageAccumulator()
+    for event in events:
+        acc.add(json.loads(json.dumps(event)))
+    return acc
+
+
+def test_merged_deltas_accumulate_to_the_same_message() -> None:
+    events = [data for name, data in TOOL_STREAM if name != "ping"]
+    events += [data for _, data in _text_stream(["Hel", "lo, ", "wor", "ld \u00e9 <b>"])][1:]
+    merged = merge_deltas(json.loads(json.dumps(events)))
+    assert len(merged) < len(events)
+    assert _built(merged).message == _built(events).message
+
+
+def test_only_consecutive_deltas_of_one_block_and_kind_merge() -> None:
+    def delta(index: int, kind: str, **fields: Any) -> dict[str, Any]:
+        return {"type": "content_block_delta", "index": index, "delta": {"type": kind, **fields}}
+
+    events = [
+        delta(0, "thinking_delta", thinking="a"),
+        delta(0, "thinking_delta", thinking="b"),
+        delta(0, "signature_delta", signature="s1"),
+        delta(0, "signature_delta", signature="s2"),
+        delta(1, "text_delta", text="c"),
+        delta(2, "text_delta", text="d"),
+        {"type": "ping"},
+        delta(2, "text_delta", text="e"),
+        delta(2, "text_delta", text="f"),
+        delta(3, "input_json_delta", partial_json='{"x"'),
+        delta(3, "input_json_delta", partial_json=": 1}"),
+    ]
+    assert merge_deltas(events) == [
+        delta(0, "thinking_delta", thinking="ab"),
+        delta(0, "signature_delta", signature="s1"),
+        delta(0, "signature_delta", signature="s2"),
+        delta(1, "text_delta", text="c"),
+        delta(2, "text_delta", text="d"),
+        {"type": "ping"},
+        delta(2, "text_delta", text="ef"),
+        delta(3, "input_json_delta", partial_json='{"x": 1}'),
+    ]
+
+
+async def test_deltas_read_together_come_out_as_one_event() -> None:
+    pieces = [f"word{i} " for i in range(20)]
+    body = b"".join(_sse(name, data) for name, data in _text_stream(pieces))
+    stream = MessageStream(_OneRead(body))
+    events = [event async for event in stream.events()]
+    deltas = [e for e in events if e["type"] == "content_block_delta"]
+    assert [d["delta"]["text"] for d in deltas] == ["".join(pieces)]
+    assert stream.accumulated.content == [{"type": "text", "text": "".join(pieces)}]
+
+
+async def test_deltas_before_an_error_in_the_same_read_are_still_delivered() -> None:
+    body = b"".join(_sse(name, data) for name, data in _text_stream(["a", "b"])[:4])
+    body += _sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "x"}})
+    stream = MessageStream(_OneRead(body))
+    seen: list[dict[str, Any]] = []
+    with pytest.raises(anthropic.APIStatusError):
+        async for event in stream.events():
+            seen.append(event)
+    assert [e["type"] for e in seen] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+    ]
+    assert stream.accumulated.content == [{"type": "text", "text": "ab"}]
 
 
 class _PacedResponse(_FakeResponse):
