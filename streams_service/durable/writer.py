@@ -10,8 +10,11 @@ parsing requests, and every `await` inside a transaction would wait its turn beh
 stretching each transaction (and so every acknowledgement) by the depth of the loop's backlog.
 On its own thread the transaction's round trips proceed while the loop keeps accepting requests.
 
-Across processes, a batch locks the stream rows it writes (`SELECT ... FOR UPDATE` on Postgres;
-SQLite's BEGIN IMMEDIATE serialises writers), so offsets stay strictly increasing whoever writes.
+Across processes, offsets stay strictly increasing whoever writes: on SQLite, BEGIN IMMEDIATE
+serialises writers; on Postgres a batch either locks the stream rows it writes (`SELECT ... FOR
+UPDATE`) or, when this writer remembers their state from its own last commit, writes them on
+condition that they are still in that state (durable/pg_batch.py), and takes the locked way
+when they are not.
 """
 
 from __future__ import annotations
