@@ -60,34 +60,56 @@ class TailUpdate:
 RECENT_UPDATES = 4
 
 
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Channel:
     """One stream's wake-ups inside this process. `version` counts changes seen since the
     channel opened; `recent` holds what the latest changes appended (oldest first; None for a
     change this process did not make, or that appended nothing)."""
 
-    __slots__ = ("_future", "readers", "recent", "version")
+    __slots__ = ("_waiters", "readers", "recent", "version")
 
     def __init__(self) -> None:
         self.version = 0
         # A tuple, not a deque: the empty one is shared, so an idle reader's channel costs none.
         self.recent: tuple[TailUpdate | None, ...] = ()
         self.readers = 0
-        self._future: asyncio.Future[None] | None = None
+        self._waiters: set[asyncio.Future[None]] | None = None  # made by the first wait
 
     async def wait(self, seen: int, max_wait_s: float) -> None:
         """Until the version passes `seen`, or `max_wait_s` passes."""
         if self.version != seen:
             return
-        if self._future is None or self._future.done():
-            self._future = asyncio.get_running_loop().create_future()
-        await asyncio.wait({self._future}, timeout=max_wait_s)
+        # A future and a timer of its own per wait. asyncio.wait() on one shared future made a
+        # second future, a timer and two callbacks per wait: thousands a second at hundreds of
+        # live generations, each followed by an SSE reader.
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        if self._waiters is None:
+            self._waiters = set()
+        self._waiters.add(waiter)
+        timer = loop.call_later(max_wait_s, _release, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if self._waiters is not None:
+                self._waiters.discard(waiter)
 
     def changed(self, update: TailUpdate | None) -> None:
         self.version += 1
         self.recent = (*self.recent[1 - RECENT_UPDATES :], update)
-        if self._future is not None and not self._future.done():
-            self._future.set_result(None)
-        self._future = None
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            _release(waiter)
+
+    @property
+    def waiting(self) -> int:
+        """Readers inside wait() right now."""
+        return len(self._waiters) if self._waiters else 0
 
     def cached_read(self, seen: int, position: int, max_bytes: int) -> ReadResult | None:
         """The next read answered from memory: every change since `seen` is remembered, was

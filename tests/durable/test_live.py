@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from streams_service.durable.live import RECENT_UPDATES, Channel, TailUpdate
 from streams_service.durable.model import StreamState
 
@@ -105,3 +108,44 @@ def test_nothing_changed_nothing_cached() -> None:
     assert channel.cached_read(0, 0, 1000) is None
     channel.changed(_commit(0, b"a"))
     assert channel.cached_read(1, 1, 1000) is None  # the reader has seen everything
+
+
+async def test_a_change_wakes_every_waiting_reader_at_once() -> None:
+    channel = Channel()
+    waits = [asyncio.create_task(channel.wait(0, 30)) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert channel.waiting == 3
+    channel.changed(_commit(0, b"a"))
+    await asyncio.wait_for(asyncio.gather(*waits), 1)  # a hang guard: they wake on the change
+    assert channel.waiting == 0
+
+
+async def test_a_wait_ends_after_its_own_time_and_leaves_nothing_behind() -> None:
+    channel = Channel()
+    long_wait = asyncio.create_task(channel.wait(0, 30))
+    await channel.wait(0, 0.01)  # returns by itself, nothing changed
+    assert channel.version == 0
+    assert channel.waiting == 1  # the other reader still waits
+    channel.changed(None)
+    await asyncio.wait_for(long_wait, 1)
+    assert channel.waiting == 0
+
+
+async def test_a_cancelled_reader_does_not_disturb_the_others() -> None:
+    channel = Channel()
+    cancelled = asyncio.create_task(channel.wait(0, 30))
+    other = asyncio.create_task(channel.wait(0, 30))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await cancelled
+    assert channel.waiting == 1
+    channel.changed(None)
+    await asyncio.wait_for(other, 1)
+
+
+async def test_a_reader_already_behind_does_not_wait() -> None:
+    channel = Channel()
+    channel.changed(None)
+    await asyncio.wait_for(channel.wait(0, 30), 1)
+    assert channel.waiting == 0
