@@ -125,6 +125,10 @@ class KnownState:
         self.streams: dict[str, StreamState] = {}
         self.producers: dict[tuple[int, str], tuple[int, int]] = {}
 
+    def forget_streams(self, paths: Iterable[str]) -> None:
+        for path in paths:
+            self.streams.pop(path, None)
+
     def forget(self) -> None:
         self.streams.clear()
         self.producers.clear()
@@ -170,7 +174,9 @@ class PgBatches:
                 if exc.sqlstate not in _RETRY_LOCKED:
                     raise
                 pg.rollback()
-                self.known.forget()
+                # Only this batch's streams are suspect (another replica wrote them); the
+                # locked way below reads them afresh and remembers them again.
+                self.known.forget_streams(known.was)
             else:
                 self.known_commits += 1
                 return known.staged.result()

@@ -49,9 +49,9 @@ async def stores(database_url: str) -> AsyncIterator[tuple[StreamStore, StreamSt
             await store.stop()
 
 
-async def _exists(store: StreamStore) -> bool:
+async def _exists(store: StreamStore, path: str = PATH) -> bool:
     try:
-        await store.head(PATH)
+        await store.head(path)
     except AppError:
         return False
     return True
@@ -180,3 +180,22 @@ async def test_a_stream_deleted_and_created_again_is_not_mistaken_for_the_old_on
     first = await _append(a, "new")
     assert await _values(a) == ["new"]
     assert first.next_offset_pos == (await a.head(PATH)).tail
+
+
+async def test_a_failed_check_forgets_only_the_streams_it_wrote(
+    stores: tuple[StreamStore, StreamStore],
+) -> None:
+    a, b = stores
+    other = f"{PATH}-other"
+    if await _exists(a, other):
+        await a.delete(other)
+    await a.create(other, CreateRequest(content_type="application/json"))
+    for value in ("a", "b"):  # both streams remembered by a
+        await _append(a, value)
+        await a.append(other, AppendRequest(body=b'["x"]', content_type="application/json"))
+    await _append(b, "behind a's back")
+    await _append(a, "c")  # the check fails: the locked way
+    known = a.writer.known_commits
+    await a.append(other, AppendRequest(body=b'["y"]', content_type="application/json"))
+    assert a.writer.known_commits == known + 1  # still remembered
+    assert await _values(a) == ["a", "b", "behind a's back", "c"]
