@@ -163,7 +163,7 @@ class PgBatches:
     def __init__(self, hub: LiveHub) -> None:
         self._hub = hub
         self.known = KnownState()
-        self.known_commits = 0  # batches committed the known way (tests and metrics read it)
+        self.known_commits = 0  # batches committed the known way (tests read it)
 
     def commit(self, pg: psycopg.Connection[Any], appends: list[AppendOp], now: int) -> BatchResult:
         known = self._stage_known(appends, now)
@@ -209,9 +209,8 @@ class PgBatches:
                     producer_state[key] = remembered_producer
         was_producers = dict(producer_state)
         staged = stage_appends(appends, states, producer_state, now)
-        if len(staged.messages) != len(appends) or any(
-            isinstance(outcome, Exception) for _, outcome in staged.outcomes
-        ):
+        # Each accepted append with a body stages one message; a refused one or a duplicate none.
+        if len(staged.messages) != len(appends):
             return None
         return _KnownBatch(staged, was, was_producers, producer_state)
 
@@ -248,10 +247,14 @@ class PgBatches:
         }
         with pg.pipeline(), pg.cursor() as cur:
             cur.execute(_KNOWN_APPEND, params)
-            for payload in self._hub.payloads(sorted(staged.dirty)):
-                cur.execute("SELECT pg_notify('ds_append', %(p)s)", {"p": payload})
+            self._notify(cur, staged)
             pg.commit()
         self.known.remember(dirty, after, keys)
+
+    def _notify(self, cur: psycopg.Cursor[Any], staged: Staged) -> None:
+        """Wake other processes' readers of the streams written, when the commit lands."""
+        for payload in self._hub.payloads(sorted(staged.dirty)):
+            cur.execute("SELECT pg_notify('ds_append', %(p)s)", {"p": payload})
 
     # ------------------------------------------------------------------ the locked way
 
@@ -296,8 +299,7 @@ class PgBatches:
                         "now": now,
                     },
                 )
-            for payload in self._hub.payloads(sorted(staged.dirty)):
-                cur_streams.execute("SELECT pg_notify('ds_append', %(p)s)", {"p": payload})
+            self._notify(cur_streams, staged)
             # Inside the pipeline: the COMMIT travels with the writes, one round trip.
             pg.commit()
         # What the database now holds: the streams written (the locked read plus this batch's
