@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
-        "machine": report.machine(),
+        "machine": {**report.machine(), "calibration": report.calibration()},
         "versions": report.versions(loadgen.wrk_version(wrk) if wrk else None),
         "config": {**asdict(cfg), "scenarios": args.scenario, "wrk_note": wrk_note},
         "servers": {},
@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["total_wall_s"] = round(time.monotonic() - started, 1)
+    # Again at the end: a neighbour arriving mid-run shows up as a slower second reading.
+    results["machine"]["calibration_end"] = report.calibration()
     if not args.no_doc:  # the charts live beside the document, so --no-doc skips both
         results["plots"] = plots.render(results, plots.OUT_DIR)
     path = report.write_json(results)
