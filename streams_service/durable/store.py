@@ -84,6 +84,10 @@ class StreamStore:
     async def delete(self, path: str) -> None:
         await self._control(lambda conn, now: writer.delete_stream(conn, path, now))
 
+    async def revive(self, path: str) -> bool:
+        """Undo a delete that only hid the stream (forks still read it); see `revive_stream`."""
+        return await self._control(lambda conn, now: writer.revive_stream(conn, path, now))
+
     async def sweep(self) -> int:
         """Remove expired streams (or soft-delete those that forks still read). Returns how many."""
         return await self._control(writer.sweep)

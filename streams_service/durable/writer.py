@@ -473,6 +473,17 @@ def delete_stream(conn: Connection, path: str, now: int) -> None:
         delete_cascade(conn, state)
 
 
+def revive_stream(conn: Connection, path: str, now: int) -> bool:
+    """Show again a stream that was deleted while forks still read it (so it was only hidden,
+    its messages kept). False if there is none to revive: it is live, gone for good, or its
+    own TTL or expiry has passed."""
+    state = _load(conn, path, for_update=True)
+    if state is None or not state.soft_deleted or state.expired(now):
+        return False
+    conn.execute(update(streams).where(streams.c.id == state.id).values(soft_deleted=False))
+    return True
+
+
 def delete_cascade(conn: Connection, state: StreamState) -> None:
     """Delete a stream, release its source, and remove a soft-deleted source left forkless."""
     current: StreamState | None = state

@@ -16,14 +16,16 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.models import ChatSession
+from db.models import ChatMessage, ChatSession
 from streams_service.access.principal import Principal
-from streams_service.durable.model import CreateRequest
+from streams_service.durable.model import AppendRequest, CreateRequest
+from streams_service.durable.offsets import format_offset
 from streams_service.errors import AppError, BadRequest, Conflict, Forbidden, Gone, NotFound
 from streams_service.ops import audit
-from streams_service.sessions import history_export
+from streams_service.sessions import history_export, records
 from streams_service.sessions import history_repo as hrepo
 from streams_service.sessions import repository as repo
 from streams_service.sessions.history_schemas import ExportDocument, UpdateSession
@@ -194,13 +196,19 @@ class HistoryService:
 
     async def restore(self, session_id: str, who: Principal) -> dict[str, Any]:
         sid = parse_session_id(session_id)
+        async with self.sessionmaker() as db:
+            row = await self._managed(db, sid, who, deleted=None)
+            if row.deleted_at is None:
+                raise Conflict("this session is not in the trash")
+        # The stream comes back first, while the session is still in the trash: no send can
+        # append to it before its history is on it again.
+        await self._ensure_stream(row)
         async with self.sessionmaker.begin() as db:
             row = await self._managed(db, sid, who, deleted=None)
             if row.deleted_at is None:
                 raise Conflict("this session is not in the trash")
             row.deleted_at = None
             await audit.record(db, who, "session.restore", "session", sid)
-        await self._ensure_stream(row)
         await self._publish(row)
         return self.sessions.session_out(row)
 
@@ -310,16 +318,49 @@ class HistoryService:
             log.info("session_publish_skipped", session_id=row.id, error=exc.code)
 
     async def _ensure_stream(self, row: ChatSession) -> None:
-        """A restored session whose stream retention removed gets a new, empty one, so it can
-        be used again (its messages are in the history)."""
+        """Give a session leaving the trash its stream back. Retention may have removed it
+        meanwhile: one that forks still read was only hidden, and is shown again whole; one
+        deleted outright is rebuilt from the history."""
+        path = stream_path(row.id)
         try:
-            await self.store.head(stream_path(row.id))
+            await self.store.head(path)
+            return
         except NotFound:
-            await self.store.create(
-                stream_path(row.id), CreateRequest(content_type="application/json")
-            )
+            pass
         except Gone:
-            log.info("restored_session_stream_gone", session_id=row.id)
+            if await self.store.revive(path):
+                log.info("restored_session_stream_revived", session_id=row.id)
+            else:
+                log.warning("restored_session_stream_not_revivable", session_id=row.id)
+            return
+        await self._rebuild_stream(row)
+
+    async def _rebuild_stream(self, row: ChatSession) -> None:
+        """A new stream holding the session's stored messages, each whole (as an import writes
+        them), so the chat reads as before and can go on; the offsets that idempotent retries
+        and forks use are updated to the new ones. Only the call that creates the stream
+        writes it, so two racing restores cannot both replay the history."""
+        path = stream_path(row.id)
+        created = await self.store.create(path, CreateRequest(content_type="application/json"))
+        if not created.created:
+            return
+        async with self.sessionmaker() as db:
+            messages = await repo.messages_of(db, row.id)
+        await self.sessions._publish_session(row)
+        batches = history_export.stored_message_records(messages, row.user_id or "user")
+        outcomes = await self.store.append_many(path, [records.append(b) for b in batches])
+        async with self.sessionmaker.begin() as db:
+            for message, outcome in zip(messages, outcomes, strict=True):
+                assert outcome.next_offset_pos is not None
+                await db.execute(
+                    update(ChatMessage)
+                    .where(ChatMessage.session_id == row.id, ChatMessage.id == message.id)
+                    .values(stream_offset=format_offset(outcome.next_offset_pos))
+                )
+        if row.ended_at is not None:
+            # An ended session is read-only: its stream is closed, as ending it left it.
+            await self.store.append(path, AppendRequest(body=None, close=True))
+        log.info("restored_session_stream_rebuilt", session_id=row.id, messages=len(messages))
 
 
 def _scope(who: Principal, user: str | None) -> str | None:

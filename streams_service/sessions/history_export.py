@@ -257,38 +257,81 @@ def _check(sessions: SessionService, doc: ExportDocument) -> None:
 
 
 def _records(doc: ExportDocument, index: int, who: Principal) -> list[dict[str, Any]]:
-    """One message as the stream holds a finished one: a whole-message chunk; a superseded
-    answer is followed by the notice regenerate writes, naming the answer that replaced it."""
     m = doc.messages[index]
-    created = records.iso(m.created_at)
-    message = {
-        "id": m.id,
-        "role": m.role,
-        "parts": [p.model_dump(exclude_unset=True) for p in m.parts],
-        "createdAt": created,
-    }
+    return message_records(
+        message_id=m.id,
+        role=m.role,
+        parts=[p.model_dump(exclude_unset=True) for p in m.parts],
+        created_at=m.created_at,
+        user_actor=who.user_id or "user",
+        superseded=m.status == "superseded",
+        superseded_by=_next_answer([(n.id, n.role) for n in doc.messages], index),
+    )
+
+
+def _next_answer(messages: list[tuple[str, str]], index: int) -> str | None:
+    """The id of the first assistant message after `index` in (id, role) order: the answer
+    that replaced a superseded one."""
+    return next((mid for mid, role in messages[index + 1 :] if role == "assistant"), None)
+
+
+def message_records(
+    *,
+    message_id: str,
+    role: str,
+    parts: list[dict[str, Any]],
+    created_at: datetime,
+    user_actor: str,
+    superseded: bool = False,
+    superseded_by: str | None = None,
+) -> list[dict[str, Any]]:
+    """One stored message as the stream holds a finished one: a whole-message chunk; a
+    superseded answer is followed by the notice regenerate writes, naming the answer that
+    replaced it (`superseded_by`)."""
+    created = records.iso(created_at)
+    message = {"id": message_id, "role": role, "parts": parts, "createdAt": created}
     out = [
         records.chunk_record(
-            message_id=m.id,
-            actor_id=(who.user_id or "user") if m.role == "user" else "claude",
-            role=m.role,
+            message_id=message_id,
+            actor_id=user_actor if role == "user" else "claude",
+            role=role,
             seq=0,
             chunk={"type": "whole-message", "message": message},
             created_at=created,
         )
     ]
-    if m.status == "superseded":
-        by = next((n.id for n in doc.messages[index + 1 :] if n.role == "assistant"), None)
+    if superseded:
         out.append(
             records.chunk_record(
-                message_id=m.id,
+                message_id=message_id,
                 actor_id="claude",
                 role="assistant",
                 seq=10**9,
                 chunk=records.event(
-                    "CUSTOM", name="message-superseded", data={"messageId": m.id, "by": by}
+                    "CUSTOM",
+                    name="message-superseded",
+                    data={"messageId": message_id, "by": superseded_by},
                 ),
                 created_at=created,
             )
         )
     return out
+
+
+def stored_message_records(
+    messages: list[ChatMessage], user_actor: str
+) -> list[list[dict[str, Any]]]:
+    """`message_records` of each of a session's stored messages, in order."""
+    shape = [(m.id, m.role) for m in messages]
+    return [
+        message_records(
+            message_id=m.id,
+            role=m.role,
+            parts=list(m.parts),
+            created_at=m.created_at,
+            user_actor=user_actor,
+            superseded=m.status == "superseded",
+            superseded_by=_next_answer(shape, i),
+        )
+        for i, m in enumerate(messages)
+    ]

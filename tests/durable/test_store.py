@@ -174,6 +174,38 @@ async def test_fork_shares_history_and_soft_delete_cascades(
     assert (await client.put(source, headers=JSON)).status_code == 201
 
 
+async def test_revive_shows_a_hidden_source_again_and_nothing_else(
+    client: httpx.AsyncClient, stream_url: str, app: FastAPI
+) -> None:
+    store = _services(app).store
+    path = stream_url.removeprefix("/v1/stream/")
+    source, fork = stream_url, stream_url + "-fork"
+    await client.put(source, headers=JSON, content=b'[{"n":0}]')
+    at = (await client.post(source, headers=JSON, content=b'{"n":1}')).headers["stream-next-offset"]
+    await client.put(fork, headers={"Stream-Forked-From": source, "Stream-Fork-Offset": at})
+    assert not await store.revive(path)  # live: nothing to undo
+    assert (await client.delete(source)).status_code == 204
+    assert (await client.get(source)).status_code == 410
+    assert await store.revive(path)
+    # Back whole, appendable, and still the fork's source.
+    assert await _read_all(client, source) == [{"n": 0}, {"n": 1}]
+    assert (await client.post(source, headers=JSON, content=b'{"n":2}')).status_code == 204
+    assert await _read_all(client, fork) == [{"n": 0}, {"n": 1}]
+    # A stream deleted outright (no fork reads it) cannot come back.
+    assert (await client.delete(fork)).status_code == 204
+    assert (await client.delete(source)).status_code == 204
+    assert (await client.get(source)).status_code == 404
+    assert not await store.revive(path)
+    # Nor can one hidden after its own expiry passed.
+    soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    await client.put(source, headers={**JSON, "Stream-Expires-At": soon})
+    await client.put(fork, headers={"Stream-Forked-From": source, "Stream-Fork-Offset": "-1"})
+    assert (await client.delete(source)).status_code == 204
+    await asyncio.sleep(1.1)
+    assert not await store.revive(path)
+    assert (await client.get(source)).status_code in (404, 410)
+
+
 async def test_sweeper_removes_expired_streams_and_keeps_sources_of_forks(
     client: httpx.AsyncClient, stream_url: str, app: FastAPI
 ) -> None:

@@ -7,13 +7,24 @@ just after the cut-offs (STREAM_RETENTION_DAYS and TRASH_RETENTION_DAYS, 30 days
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import httpx
+from fastapi import FastAPI
 from sqlalchemy import func, select, update
 
+from console.stream import Transcript
 from db.models import AuditEntry, ChatMessage, ChatSession, Generation
 from streams_service.sessions.history import HistoryService
 from streams_service.sessions.retention import SweepResult, sweep
-from tests.sessions.conftest import AppFactory, new_session, send, services, wait_idle
+from tests.sessions.conftest import (
+    AppFactory,
+    new_session,
+    send,
+    services,
+    stream_records,
+    wait_idle,
+)
 
 # Long before anything else in the test database, so no other test's session is due.
 NOW = datetime(2021, 6, 1, 12, tzinfo=UTC)
@@ -102,24 +113,106 @@ async def test_sweep_expires_old_streams_and_empties_old_trash(make_app: AppFact
         assert await sweep(history, settings, NOW) == SweepResult(0, 0)
 
 
-async def test_restoring_a_session_whose_stream_expired_gives_it_a_new_stream(
+def transcript(records: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """What the console shows of a stream's records: each visible message's id, role, parts."""
+    t = Transcript()
+    for record in records:
+        t.apply(record)
+    return [(m.id, m.role, m.parts) for m in t.visible]
+
+
+async def expire_in_trash(app: FastAPI, client: httpx.AsyncClient, sid: str) -> None:
+    """Delete the session and let retention remove its stream while it is in the trash."""
+    assert (await client.delete(f"/v1/sessions/{sid}")).status_code == 200
+    async with services(app).sessions.sessionmaker.begin() as db:
+        await db.execute(update(ChatSession).where(ChatSession.id == sid).values(deleted_at=DUE))
+    history = HistoryService(services(app).sessions)
+    assert await sweep(history, services(app).settings, NOW) == SweepResult(1, 0)
+
+
+async def test_restoring_a_session_whose_stream_expired_rebuilds_it_from_the_history(
     make_app: AppFactory,
 ) -> None:
     async with make_app(stream_retention_days=30, trash_retention_days=60) as (app, client):
         sid = await new_session(client, title="comes back")
         await send(client, sid, "hi [[tokens:3]]")
         await wait_idle(client, sid)
-        assert (await client.delete(f"/v1/sessions/{sid}")).status_code == 200
-        async with services(app).sessions.sessionmaker.begin() as db:
-            await db.execute(
-                update(ChatSession).where(ChatSession.id == sid).values(deleted_at=DUE)
-            )
-        history = HistoryService(services(app).sessions)
-        assert await sweep(history, services(app).settings, NOW) == SweepResult(1, 0)
+        await send(client, sid, "and again [[tokens:4]]")
+        before = transcript(await stream_records(client, sid))
+        assert [role for _, role, _ in before] == ["user", "assistant"] * 2
+        await wait_idle(client, sid)
+        before = transcript(await stream_records(client, sid))
+
+        await expire_in_trash(app, client, sid)
         assert (await client.get(f"/v1/stream/sessions/{sid}")).status_code == 404
         assert (await client.post(f"/v1/sessions/{sid}/restore")).status_code == 200
-        assert (await client.get(f"/v1/stream/sessions/{sid}")).status_code == 200
-        # Usable again: the history is in the database, new messages go to the new stream.
+
+        # The chat reads as it did: every message whole, with the same parts, and the title.
+        records = await stream_records(client, sid)
+        assert transcript(records) == before
+        sessions = [r["value"] for r in records if r.get("type") == "session"]
+        assert sessions and sessions[-1]["title"] == "comes back"
+        # Each message's stored offset points just past it on the new stream.
+        async with services(app).sessions.sessionmaker() as db:
+            offsets = (
+                await db.execute(
+                    select(ChatMessage.id, ChatMessage.stream_offset)
+                    .where(ChatMessage.session_id == sid)
+                    .order_by(ChatMessage.ordinal)
+                )
+            ).all()
+        for (_, offset), (next_id, _, _) in zip(offsets, before[1:], strict=False):
+            after = await client.get(f"/v1/stream/sessions/{sid}", params={"offset": offset})
+            assert after.status_code == 200
+            assert after.json()[0]["value"]["messageId"] == next_id
+        # Usable again: new messages go on after the history.
         await send(client, sid, "still there? [[tokens:3]]")
         body = await wait_idle(client, sid)
-        assert len(body["messages"]) == 4
+        assert len(body["messages"]) == 6
+        assert transcript(await stream_records(client, sid))[:4] == before
+
+
+async def test_restoring_an_ended_session_rebuilds_its_stream_closed(
+    make_app: AppFactory,
+) -> None:
+    async with make_app(stream_retention_days=30, trash_retention_days=60) as (app, client):
+        sid = await new_session(client)
+        await send(client, sid, "hi [[tokens:3]]")
+        await wait_idle(client, sid)
+        before = transcript(await stream_records(client, sid))
+        assert (await client.post(f"/v1/sessions/{sid}/end")).status_code == 200
+        await expire_in_trash(app, client, sid)
+        assert (await client.post(f"/v1/sessions/{sid}/restore")).status_code == 200
+        assert transcript(await stream_records(client, sid)) == before
+        tail = await client.get(f"/v1/stream/sessions/{sid}", params={"offset": "now"})
+        assert tail.headers.get("stream-closed") == "true"
+        # Still read-only, as ending it made it.
+        again = await client.post(f"/v1/sessions/{sid}/messages", json={"content": "hello?"})
+        assert again.status_code == 409
+
+
+async def test_restoring_a_session_whose_stream_forks_still_read_shows_it_again_whole(
+    make_app: AppFactory,
+) -> None:
+    async with make_app(stream_retention_days=30, trash_retention_days=60) as (app, client):
+        sid = await new_session(client)
+        await send(client, sid, "hi [[tokens:3]]")
+        body = await wait_idle(client, sid)
+        forked = await client.post(
+            f"/v1/sessions/{sid}/fork", json={"at_message_id": body["messages"][-1]["id"]}
+        )
+        assert forked.status_code == 201, forked.text
+        records = await stream_records(client, sid)
+        # The fork reads through this stream, so retention only hides it.
+        await expire_in_trash(app, client, sid)
+        assert (await client.get(f"/v1/stream/sessions/{sid}")).status_code == 410
+        assert (await client.post(f"/v1/sessions/{sid}/restore")).status_code == 200
+        # Shown again as it was, live events and all, not rebuilt; after it only the session
+        # rows that the delete and the restore published.
+        after = await stream_records(client, sid)
+        assert after[: len(records)] == records
+        assert [r["type"] for r in after[len(records) :]] == ["session", "session"]
+        await send(client, sid, "more [[tokens:3]]")
+        assert len((await wait_idle(client, sid))["messages"]) == 4
+        fork = (await client.get(f"/v1/sessions/{forked.json()['id']}")).json()
+        assert len(fork["messages"]) == 2
