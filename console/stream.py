@@ -298,6 +298,18 @@ class SessionFollower:
             return 0
         return self.apply(reader.read_stream(self.session_id, self.offset, timeout=timeout))
 
+    def load_history(self, messages: list[Any]) -> None:
+        """The transcript from the session's stored messages (`MessageInfo`s), when its stream
+        is gone: retention removes the stream of an ended session and keeps its messages. Nothing
+        more can arrive, so the follower is closed."""
+        self.transcript = Transcript()
+        for m in messages:
+            message = self.transcript._message(m.id, m.role)
+            message.parts = [dict(p) for p in m.parts]
+            message.status = m.status
+            message.created_at = m.created_at.isoformat() if m.created_at else None
+        self.closed = True
+
     def settle(self, active_generation_id: str | None) -> None:
         """Align with the generation the service says runs (read *before* the last catch-up,
         so the stream is at least as new as that answer): one we do not see finished is awaited

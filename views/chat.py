@@ -174,6 +174,13 @@ if session_id is not None:
     follower = follower_for(session_id)
     try:
         follower.catch_up(client)
+    except NotFound as exc:
+        if session.ended_at is None:
+            ui.show_error(exc)
+        else:
+            # Retention removed this ended session's stream; its messages are kept.
+            follower.load_history(session.messages or [])
+            st.caption("This session has ended and its stream has expired: its saved messages.")
     except ServiceError as exc:
         ui.show_error(exc)
     follower.settle(session.active_generation_id)

@@ -218,3 +218,27 @@ def test_unknown_and_malformed_sessions_get_a_clear_message(app: AppFactory) -> 
     at.run()
     assert "is not a session id" in at.error[0].value
     assert at.title[0].value == "New chat"
+
+
+def test_an_ended_session_whose_stream_expired_shows_its_saved_messages(
+    app: AppFactory, api: httpx.Client
+) -> None:
+    session_id = new_session(api)
+    body = chat(api, session_id, "Keep this [[tokens:8]]")
+    assert api.post(f"/v1/sessions/{session_id}/end").status_code == 200
+    # What retention does to an ended session's stream after STREAM_RETENTION_DAYS.
+    assert api.delete(f"/v1/stream/sessions/{session_id}").status_code == 204
+    at = app(session=session_id)
+    at.run()
+    assert not at.exception and not at.error
+    assert any("its stream has expired" in c.value for c in at.caption)
+    follower = at.session_state["chat_followers"][session_id]
+    assert [(m.id, m.role, m.parts, m.status) for m in follower.transcript.visible] == [
+        (m["id"], m["role"], m["parts"], m["status"]) for m in body["messages"]
+    ]
+    assert texts(at, "user") == ["Keep this [[tokens:8]]"]
+    # Read-only, and a rerun does not ask for the missing stream again.
+    assert at.chat_input[0].disabled and at.chat_input[0].placeholder == "This session has ended"
+    reads = follower.reads
+    at.run()
+    assert not at.error and follower.reads == reads
