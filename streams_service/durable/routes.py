@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from streams_service import jsoncodec
 from streams_service.durable.http import SECURITY_HEADER_MAP, Reply, error_reply
 from streams_service.durable.live import Channel
 from streams_service.durable.model import (
@@ -502,7 +502,7 @@ def _control(position: int, cursor: str | None, up_to_date: bool, closed: bool) 
         body["streamCursor"] = response_cursor(cursor)
         if up_to_date:
             body["upToDate"] = True
-    return _sse_event("control", json.dumps(body, separators=(",", ":")))
+    return _sse_event("control", jsoncodec.dumps_str(body))
 
 
 def _position(raw: str | None) -> int:

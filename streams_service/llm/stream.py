@@ -27,6 +27,8 @@ from typing import Any
 import anthropic
 import httpx2
 
+from streams_service import jsoncodec
+
 Event = dict[str, Any]
 
 
@@ -201,8 +203,7 @@ class MessageStream:
                 continue  # the SDK's decoder skips these too
             if name == "error":
                 return merge_deltas(events), _stream_error(self._response, data)
-            # Decoded first: json.loads on bytes sniffs their encoding in Python, per event.
-            event = json.loads(data.decode())
+            event = jsoncodec.loads(data)
             if isinstance(event, dict):
                 events.append(event)
         return merge_deltas(events), None

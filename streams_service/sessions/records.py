@@ -7,11 +7,11 @@ row (upsert) carries metadata changes so open tabs update live.
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime
 from typing import Any
 
+from streams_service import jsoncodec
 from streams_service.durable.model import AppendRequest, Producer
 
 
@@ -49,7 +49,7 @@ def chunk_record(
             "messageId": message_id,
             "actorId": actor_id,
             "role": role,
-            "chunk": json.dumps(chunk, separators=(",", ":"), ensure_ascii=False),
+            "chunk": jsoncodec.dumps_str(chunk),
             "seq": seq,
             "createdAt": created_at,
         },
@@ -88,7 +88,7 @@ def session_record(session_id: str, value: dict[str, Any]) -> dict[str, Any]:
 
 def encode(records: list[dict[str, Any]]) -> bytes:
     """One append of several records: a JSON array is stored as that many stream messages."""
-    return json.dumps(records, separators=(",", ":"), ensure_ascii=False).encode()
+    return jsoncodec.dumps(records)
 
 
 def append(records: list[dict[str, Any]], producer: Producer | None = None) -> AppendRequest:
