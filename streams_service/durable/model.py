@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,8 +19,10 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@functools.lru_cache(maxsize=256)
 def media_type(content_type: str | None) -> str:
-    """`application/json; charset=utf-8` -> `application/json` (case-insensitive comparison)."""
+    """`application/json; charset=utf-8` -> `application/json` (case-insensitive comparison).
+    Cached: every SSE event asks it of its stream's content type, and streams share a few."""
     if not content_type:
         return ""
     return content_type.split(";", 1)[0].strip().lower()

@@ -489,7 +489,10 @@ _LINE_BREAKS = re.compile(r"\r\n|\r|\n")
 
 def _sse_event(kind: str, payload: str) -> bytes:
     # One data: line per payload line, split on every SSE line terminator so a payload cannot
-    # inject events; no space after "data:" since clients strip exactly one.
+    # inject events; no space after "data:" since clients strip exactly one. Most payloads are
+    # one line (JSON we encoded, control events): two substring checks instead of the regex.
+    if "\n" not in payload and "\r" not in payload:
+        return f"event: {kind}\ndata:{payload}\n\n".encode()
     lines = _LINE_BREAKS.split(payload)
     return (f"event: {kind}\n" + "\n".join(f"data:{line}" for line in lines) + "\n\n").encode()
 

@@ -64,9 +64,14 @@ class StreamStore:
     # ------------------------------------------------------------------ writes
 
     async def append(self, path: str, request: AppendRequest) -> AppendOutcome:
+        return await self.submit_append(path, request)
+
+    def submit_append(self, path: str, request: AppendRequest) -> asyncio.Future[AppendOutcome]:
+        """Queue an append and return its outcome's future, without a coroutine: for callers
+        that start many appends from a plain callback (sessions/chunks.py's Flusher)."""
         future: asyncio.Future[AppendOutcome] = asyncio.get_running_loop().create_future()
         self.writer.submit(staging.AppendOp(path, request, future))
-        return await future
+        return future
 
     async def append_many(self, path: str, requests: list[AppendRequest]) -> list[AppendOutcome]:
         """Several appends to one stream, in order, queued together so they share commits

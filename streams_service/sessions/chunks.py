@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from streams_service.durable.model import AppendRequest, Producer
+from streams_service.durable.model import AppendOutcome, AppendRequest, Producer
 from streams_service.durable.offsets import format_offset
 from streams_service.durable.store import StreamStore
 from streams_service.errors import ServiceUnavailable
@@ -39,6 +39,39 @@ _MERGEABLE = {
 }
 
 
+class Flusher:
+    """One timer for the pending deltas of many ChunkWriters (GenerationManager keeps one for
+    the process). A writer with deltas waiting registers; when the timer fires, every registered
+    writer hands its batch to the store at once, from the timer's callback: no task, coroutine or
+    lock per write, one timer for all of them instead of one per batch, and the batches of one
+    tick reach the stream writer together, so they share its commits. A delta waits at most one
+    interval, as before; on average half of one. Idle writers cost nothing: the timer is armed
+    only while one is registered."""
+
+    def __init__(self, interval: Callable[[], float]) -> None:
+        # Asked as each tick is armed: GenerationManager's interval stretches under load.
+        self._interval = interval
+        self._due: dict[ChunkWriter, None] = {}  # an ordered set: writes go out in arrival order
+        self._timer: asyncio.TimerHandle | None = None
+
+    def register(self, writer: ChunkWriter) -> None:
+        self._due[writer] = None
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._interval(), self._tick)
+
+    def unregister(self, writer: ChunkWriter) -> None:
+        self._due.pop(writer, None)
+        if not self._due and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        due, self._due = self._due, {}
+        for writer in due:
+            writer.flush_from_timer()
+
+
 class ChunkWriter:
     def __init__(
         self,
@@ -52,6 +85,7 @@ class ChunkWriter:
         flush_chars: int = 300,
         retry_for_s: float = STORAGE_RETRY_S,
         pace: Callable[[], float] | None = None,
+        flusher: Flusher | None = None,
         ready: asyncio.Future[Any] | None = None,
     ) -> None:
         self._store = store
@@ -59,11 +93,11 @@ class ChunkWriter:
         self._message_id = message_id
         self._producer_id = producer_id
         self._actor_id = actor_id
-        self._interval = flush_interval_s
         self._flush_chars = flush_chars
         self._retry_for_s = retry_for_s
-        # Called when a batch starts: the interval to use now (it stretches under load).
-        self._pace = pace
+        # Whose timer writes pending deltas: the process's shared one, or one of its own that
+        # asks `pace` (or waits `flush_interval_s`) each time it is armed.
+        self._flusher = flusher or Flusher(pace or (lambda: flush_interval_s))
         # Awaited before the first write: what must be on the stream before this message.
         self._ready = ready
         self._pending: list[dict[str, Any]] = []
@@ -71,12 +105,11 @@ class ChunkWriter:
         self._pending_since: float | None = None
         self._seq = 0  # chunk seq within the message
         self._producer_seq = 0
+        # A frozen batch not yet known to be written: retried as it is, under the same seq.
         self._inflight: bytes | None = None
+        # The timer's write of `_inflight`, while it is in the store's hands.
+        self._submitted: asyncio.Future[AppendOutcome] | None = None
         self._lock = asyncio.Lock()
-        # A one-shot timer per pending batch, armed by its first delta: an idle generation (a
-        # tool waiting for approval, a long thinking pause upstream) costs no wake-ups, and 500
-        # busy ones cost one wake-up per write rather than a ticker each.
-        self._timer: asyncio.TimerHandle | None = None
         self._timed_flush: asyncio.Task[None] | None = None
         self.last_offset: str | None = None
         self.appends = 0
@@ -85,7 +118,7 @@ class ChunkWriter:
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
-        self._disarm()
+        self._flusher.unregister(self)
         if self._timed_flush is not None:
             with contextlib.suppress(Exception):
                 await self._timed_flush
@@ -112,7 +145,7 @@ class ChunkWriter:
             self._pending_chars += len(event.get(text_field, ""))
             if self._pending_since is None:
                 self._pending_since = time.monotonic()
-                self._arm()
+                self._flusher.register(self)
             if self._pending_chars >= self._flush_chars or flush:
                 await self.flush()
             return
@@ -120,7 +153,7 @@ class ChunkWriter:
         if defer:
             if self._pending_since is None:
                 self._pending_since = time.monotonic()
-                self._arm()
+                self._flusher.register(self)
             return
         await self.flush()
 
@@ -132,6 +165,11 @@ class ChunkWriter:
             if self._ready is not None:
                 await self._ready
                 self._ready = None
+            submitted = self._submitted
+            if submitted is not None:
+                # The timer's write goes first; its outcome decides whether it is retried.
+                await asyncio.wait([submitted])
+                self._settle(submitted)
             while True:
                 if self._inflight is None:
                     if not self._pending:
@@ -140,11 +178,56 @@ class ChunkWriter:
                 await self._append(self._inflight)
                 self._inflight = None
 
+    def flush_from_timer(self) -> None:
+        """The Flusher's tick: hand the pending batch to the store now, from the callback. When
+        a write is already under way (a flush holding the lock, an earlier batch not yet
+        settled, the user message not yet on the stream), a task waits its turn instead, and
+        the batch grows meanwhile."""
+        if self._pending_since is None:
+            return
+        if (
+            self._lock.locked()
+            or self._submitted is not None
+            or self._inflight is not None
+            or not self._is_ready()
+        ):
+            if self._timed_flush is None or self._timed_flush.done():
+                self._timed_flush = asyncio.create_task(self._flush_quietly())
+            return
+        self._ready = None
+        self._inflight = self._freeze()
+        future = self._store.submit_append(self._path, self._request(self._inflight))
+        self._submitted = future
+        future.add_done_callback(self._settle)
+
+    def _is_ready(self) -> bool:
+        """Whatever this message waits for is on the stream (or it waits for nothing)."""
+        ready = self._ready
+        if ready is None:
+            return True
+        return ready.done() and not ready.cancelled() and ready.exception() is None
+
+    def _settle(self, future: asyncio.Future[AppendOutcome]) -> None:
+        """The outcome of the timer's write (once: from its callback or from flush, whichever
+        comes first). A failed write stays in flight, for the next flush to retry."""
+        if self._submitted is not future:
+            return
+        self._submitted = None
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            # The generation sees the error on its next write (the retry), as a flush would.
+            log.warning("chunk_flush_failed", error=type(exc).__name__)
+            return
+        self._inflight = None
+        self._count(future.result())
+
     def _freeze(self) -> bytes:
         batch, self._pending = self._pending, []
         self._pending_chars = 0
         self._pending_since = None
-        self._disarm()
+        self._flusher.unregister(self)
         created = records.now_iso()
         rows = []
         for event in batch:
@@ -161,12 +244,15 @@ class ChunkWriter:
             self._seq += 1
         return records.encode(rows)
 
-    async def _append(self, body: bytes) -> None:
+    def _request(self, body: bytes) -> AppendRequest:
         producer = Producer(self._producer_id, 0, self._producer_seq)
         # `body` is records.encode() of a non-empty batch (_freeze): no need to parse it again.
-        request = AppendRequest(
+        return AppendRequest(
             body=body, content_type="application/json", producer=producer, encoded_json=True
         )
+
+    async def _append(self, body: bytes) -> None:
+        request = self._request(body)
         deadline = time.monotonic() + self._retry_for_s
         delay = 0.1
         while True:
@@ -182,28 +268,13 @@ class ChunkWriter:
                 log.warning("chunk_append_retry", stream=self._path, delay_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        self._count(outcome)
+
+    def _count(self, outcome: AppendOutcome) -> None:
         self._producer_seq += 1
         self.appends += 1
         if outcome.next_offset_pos is not None:
             self.last_offset = format_offset(outcome.next_offset_pos)
-
-    def _arm(self) -> None:
-        if self._timer is None:
-            interval = self._pace() if self._pace is not None else self._interval
-            self._timer = asyncio.get_running_loop().call_later(interval, self._on_timer)
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._pending_since is None:
-            return
-        # While an earlier timed write is still committing, this batch waits for its lock in
-        # flush(): under load the batches grow instead of the writes queueing up.
-        self._timed_flush = asyncio.create_task(self._flush_quietly())
 
     async def _flush_quietly(self) -> None:
         try:

