@@ -85,28 +85,31 @@ _UPSERT_PRODUCERS = (
 # remembered producer its epoch and seq, and a producer believed new must not exist. The final
 # SELECT divides by zero unless every write found its row as expected, which aborts the whole
 # transaction (data-modifying WITH clauses all run, and all or nothing).
-# Each CTE's rows travel as one JSON array of objects (json_to_recordset): one text parameter
-# encoded in C, where a Python list per column cost psycopg's list adapter Python work per
-# element and per call (its type detection), most of the writer thread's own CPU at low load.
+# Each CTE's rows travel as one JSON array of arrays, one text parameter encoded in C, where a
+# Python list per column cost psycopg's list adapter Python work per element and per call (its
+# type detection), most of the writer thread's own CPU at low load. Tuples rather than objects:
+# cheaper to build, and a batch has a row per stream written.
 _KNOWN_APPEND = (
     "WITH s AS ("
     "UPDATE ds_streams AS s SET tail = v.tail, last_stream_seq = v.seq, "
     "accessed_ms = v.acc, expiry_ms = v.exp "
-    "FROM json_to_recordset(%(streams)s::json) "
-    "AS v(id bigint, was bigint, tail bigint, wasseq text, seq text, acc bigint, exp bigint) "
+    "FROM (SELECT (e->>0)::bigint AS id, (e->>1)::bigint AS was, (e->>2)::bigint AS tail, "
+    "e->>3 AS wasseq, e->>4 AS seq, (e->>5)::bigint AS acc, (e->>6)::bigint AS exp "
+    "FROM json_array_elements(%(streams)s::json) AS e) AS v "
     "WHERE s.id = v.id AND s.tail = v.was AND NOT s.closed AND NOT s.soft_deleted "
     "AND s.last_stream_seq IS NOT DISTINCT FROM v.wasseq RETURNING 1), "
     "pu AS ("
     "UPDATE ds_producers AS p SET epoch = v.epoch, last_seq = v.seq, updated_ms = %(now)s "
-    "FROM json_to_recordset(%(updated)s::json) "
-    "AS v(sid bigint, pid text, epoch bigint, seq bigint, wasepoch bigint, wasseq bigint) "
+    "FROM (SELECT (e->>0)::bigint AS sid, e->>1 AS pid, (e->>2)::bigint AS epoch, "
+    "(e->>3)::bigint AS seq, (e->>4)::bigint AS wasepoch, (e->>5)::bigint AS wasseq "
+    "FROM json_array_elements(%(updated)s::json) AS e) AS v "
     "WHERE p.stream_id = v.sid AND p.producer_id = v.pid "
     "AND p.epoch = v.wasepoch AND p.last_seq = v.wasseq RETURNING 1), "
     "pi AS ("
     "INSERT INTO ds_producers (stream_id, producer_id, epoch, last_seq, updated_ms) "
     "SELECT v.sid, v.pid, v.epoch, v.seq, %(now)s "
-    "FROM json_to_recordset(%(inserted)s::json) "
-    "AS v(sid bigint, pid text, epoch bigint, seq bigint) "
+    "FROM (SELECT (e->>0)::bigint AS sid, e->>1 AS pid, (e->>2)::bigint AS epoch, "
+    "(e->>3)::bigint AS seq FROM json_array_elements(%(inserted)s::json) AS e) AS v "
     "ON CONFLICT (stream_id, producer_id) DO NOTHING RETURNING 1), "
     "m AS (INSERT INTO ds_messages (stream_id, end_pos, data) "
     "SELECT v.sid, v.pos, substring(%(blob)s::bytea FROM v.start FOR v.len) "
@@ -223,32 +226,22 @@ class PgBatches:
         updated = [k for k in keys if k in batch.was_producers]
         inserted = [k for k in keys if k not in batch.was_producers]
         after, before = batch.producers, batch.was_producers
+        was = batch.was
+        # In the columns' order in _KNOWN_APPEND.
         streams = [
-            {
-                "id": s.id,
-                "was": batch.was[s.path].tail,
-                "tail": s.tail,
-                "wasseq": batch.was[s.path].last_stream_seq,
-                "seq": s.last_stream_seq,
-                "acc": s.accessed_ms,
-                "exp": s.expiry_ms(),
-            }
+            (
+                s.id,
+                was[s.path].tail,
+                s.tail,
+                was[s.path].last_stream_seq,
+                s.last_stream_seq,
+                s.accessed_ms,
+                s.expiry_ms(),
+            )
             for s in dirty
         ]
-        producers_updated = [
-            {
-                "sid": k[0],
-                "pid": k[1],
-                "epoch": after[k][0],
-                "seq": after[k][1],
-                "wasepoch": before[k][0],
-                "wasseq": before[k][1],
-            }
-            for k in updated
-        ]
-        producers_inserted = [
-            {"sid": k[0], "pid": k[1], "epoch": after[k][0], "seq": after[k][1]} for k in inserted
-        ]
+        producers_updated = [(*k, *after[k], *before[k]) for k in updated]
+        producers_inserted = [(*k, *after[k]) for k in inserted]
         params: dict[str, Any] = {
             "streams": jsoncodec.dumps(streams).decode(),
             "updated": jsoncodec.dumps(producers_updated).decode(),

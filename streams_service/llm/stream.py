@@ -50,19 +50,22 @@ class SSEFrames:
                 # Maybe the first half of a CRLF split across reads: decide on the next read.
                 buffer, held = buffer[:-1], b"\r"
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        frames: list[tuple[str | None, bytes]] = []
-        start = 0
-        while True:
-            end = buffer.find(b"\n\n", start)
-            if end < 0:
-                break
-            frames.append(_frame(buffer[start:end]))
-            start = end + 2
-        self._buffer = buffer[start:] + held
-        return frames
+        *complete, rest = buffer.split(b"\n\n")
+        self._buffer = rest + held
+        return [_frame(raw) for raw in complete]
 
 
 def _frame(raw: bytes) -> tuple[str | None, bytes]:
+    # The shape every Messages API event has, `event: <name>\ndata: <json>`, without the
+    # general loop: one frame per token, so this is on the hot path.
+    if raw.startswith(b"event: "):
+        newline = raw.find(b"\n")
+        if (
+            newline > 0
+            and raw.startswith(b"data: ", newline + 1)
+            and raw.find(b"\n", newline + 1) < 0
+        ):
+            return raw[7:newline].strip().decode("utf-8", "replace"), raw[newline + 7 :]
     name: str | None = None
     data: list[bytes] = []
     for line in raw.split(b"\n"):
