@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     # Per-session spending cap in USD (overridable per session at create); 0 disables it.
     session_budget_usd: float = Field(default=5.0, ge=0)
     # Delta coalescing: a generation writes at most every this many ms, or sooner past this
-    # many characters, so a busy stream costs a few writes per second, not one per token.
+    # many characters, so a busy stream costs a few writes per second, not one per token. One
+    # timer serves all of a process's generations (sessions/chunks.py Flusher).
     stream_flush_interval_ms: int = Field(default=40, ge=1)
     stream_flush_chars: int = Field(default=300, ge=1)
     # Under load the interval stretches: it holds up to 100 concurrent generations in one
