@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import sessions
+from benchmarks import servers, sessions
 from benchmarks.servers import Server
 
 _WRITER_METRICS = ("chatops_stream_appends_total", "chatops_stream_append_batches_total")
@@ -41,7 +41,7 @@ def _writer_counts(server: Server) -> dict[str, float]:
 
 
 def _user_system_seconds(server: Server) -> tuple[float, float]:
-    fields = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = servers._stat_fields(server.pid) or ["0"] * 13
     ticks = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / ticks, int(fields[12]) / ticks
 

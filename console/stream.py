@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from console.client import StreamPage
@@ -125,6 +126,20 @@ class Transcript:
             self._by_id[message_id] = message
             self.messages.append(message)
         return message
+
+    def add_stored(
+        self,
+        message_id: str,
+        role: str,
+        parts: list[dict[str, Any]],
+        status: str,
+        created_at: datetime | None,
+    ) -> None:
+        """A message as the service stored it (`GET /v1/sessions/{id}`), not from the stream."""
+        message = self._message(message_id, role)
+        message.parts = [dict(p) for p in parts]
+        message.status = status
+        message.created_at = created_at.isoformat() if created_at else None
 
     def _whole_message(self, raw: Any) -> None:
         if not isinstance(raw, dict) or not isinstance(raw.get("id"), str):
@@ -304,10 +319,7 @@ class SessionFollower:
         more can arrive, so the follower is closed."""
         self.transcript = Transcript()
         for m in messages:
-            message = self.transcript._message(m.id, m.role)
-            message.parts = [dict(p) for p in m.parts]
-            message.status = m.status
-            message.created_at = m.created_at.isoformat() if m.created_at else None
+            self.transcript.add_stored(m.id, m.role, m.parts, m.status, m.created_at)
         self.closed = True
 
     def settle(self, active_generation_id: str | None) -> None:

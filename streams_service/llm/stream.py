@@ -66,6 +66,11 @@ def _frame(raw: bytes) -> tuple[str | None, bytes]:
             and raw.find(b"\n", newline + 1) < 0
         ):
             return raw[7:newline].strip().decode("utf-8", "replace"), raw[newline + 7 :]
+    return _frame_lines(raw)
+
+
+def _frame_lines(raw: bytes) -> tuple[str | None, bytes]:
+    """Any frame, line by line: its last event name and its data lines joined."""
     name: str | None = None
     data: list[bytes] = []
     for line in raw.split(b"\n"):

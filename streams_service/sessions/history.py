@@ -347,7 +347,13 @@ class HistoryService:
         async with self.sessionmaker() as db:
             messages = await repo.messages_of(db, row.id)
         await self.sessions._publish_session(row)
-        batches = history_export.stored_message_records(messages, row.user_id or "user")
+        batches = history_export.whole_message_records(
+            [
+                history_export.WholeMessage(m.id, m.role, list(m.parts), m.status, m.created_at)
+                for m in messages
+            ],
+            row.user_id or "user",
+        )
         outcomes = await self.store.append_many(path, [records.append(b) for b in batches])
         async with self.sessionmaker.begin() as db:
             for message, outcome in zip(messages, outcomes, strict=True):

@@ -192,7 +192,22 @@ async def import_document(
         await sessions._publish_session(row)
         outcomes = await sessions.store.append_many(
             path,
-            [records.append(_records(doc, i, who)) for i in range(len(doc.messages))],
+            [
+                records.append(batch)
+                for batch in whole_message_records(
+                    [
+                        WholeMessage(
+                            m.id,
+                            m.role,
+                            [p.model_dump(exclude_unset=True) for p in m.parts],
+                            m.status,
+                            m.created_at,
+                        )
+                        for m in doc.messages
+                    ],
+                    who.user_id or "user",
+                )
+            ],
         )
         async with sessions.sessionmaker.begin() as db:
             db.add(row)
@@ -256,82 +271,61 @@ def _check(sessions: SessionService, doc: ExportDocument) -> None:
             raise BadRequest(f"assistant message {m.id!r} cannot have image parts")
 
 
-def _records(doc: ExportDocument, index: int, who: Principal) -> list[dict[str, Any]]:
-    m = doc.messages[index]
-    return message_records(
-        message_id=m.id,
-        role=m.role,
-        parts=[p.model_dump(exclude_unset=True) for p in m.parts],
-        created_at=m.created_at,
-        user_actor=who.user_id or "user",
-        superseded=m.status == "superseded",
-        superseded_by=_next_answer([(n.id, n.role) for n in doc.messages], index),
-    )
+@dataclass(frozen=True)
+class WholeMessage:
+    """A finished message, to be written to a stream whole (an import, a rebuilt stream)."""
+
+    id: str
+    role: str
+    parts: list[dict[str, Any]]
+    status: str
+    created_at: datetime
 
 
-def _next_answer(messages: list[tuple[str, str]], index: int) -> str | None:
-    """The id of the first assistant message after `index` in (id, role) order: the answer
-    that replaced a superseded one."""
-    return next((mid for mid, role in messages[index + 1 :] if role == "assistant"), None)
-
-
-def message_records(
-    *,
-    message_id: str,
-    role: str,
-    parts: list[dict[str, Any]],
-    created_at: datetime,
-    user_actor: str,
-    superseded: bool = False,
-    superseded_by: str | None = None,
-) -> list[dict[str, Any]]:
-    """One stored message as the stream holds a finished one: a whole-message chunk; a
+def whole_message_records(
+    messages: list[WholeMessage], user_actor: str
+) -> list[list[dict[str, Any]]]:
+    """Each message (in order) as the stream holds a finished one: a whole-message chunk; a
     superseded answer is followed by the notice regenerate writes, naming the answer that
-    replaced it (`superseded_by`)."""
-    created = records.iso(created_at)
-    message = {"id": message_id, "role": role, "parts": parts, "createdAt": created}
+    replaced it (the next assistant message, found in one pass from the end)."""
+    out: list[list[dict[str, Any]]] = []
+    next_answer: str | None = None
+    for m in reversed(messages):
+        out.append(_whole_records(m, user_actor, next_answer))
+        if m.role == "assistant":
+            next_answer = m.id
+    out.reverse()
+    return out
+
+
+def _whole_records(
+    m: WholeMessage, user_actor: str, next_answer: str | None
+) -> list[dict[str, Any]]:
+    created = records.iso(m.created_at)
+    message = {"id": m.id, "role": m.role, "parts": m.parts, "createdAt": created}
     out = [
         records.chunk_record(
-            message_id=message_id,
-            actor_id=user_actor if role == "user" else "claude",
-            role=role,
+            message_id=m.id,
+            actor_id=user_actor if m.role == "user" else "claude",
+            role=m.role,
             seq=0,
             chunk={"type": "whole-message", "message": message},
             created_at=created,
         )
     ]
-    if superseded:
+    if m.status == "superseded":
         out.append(
             records.chunk_record(
-                message_id=message_id,
+                message_id=m.id,
                 actor_id="claude",
                 role="assistant",
                 seq=10**9,
                 chunk=records.event(
                     "CUSTOM",
                     name="message-superseded",
-                    data={"messageId": message_id, "by": superseded_by},
+                    data={"messageId": m.id, "by": next_answer},
                 ),
                 created_at=created,
             )
         )
     return out
-
-
-def stored_message_records(
-    messages: list[ChatMessage], user_actor: str
-) -> list[list[dict[str, Any]]]:
-    """`message_records` of each of a session's stored messages, in order."""
-    shape = [(m.id, m.role) for m in messages]
-    return [
-        message_records(
-            message_id=m.id,
-            role=m.role,
-            parts=list(m.parts),
-            created_at=m.created_at,
-            user_actor=user_actor,
-            superseded=m.status == "superseded",
-            superseded_by=_next_answer(shape, i),
-        )
-        for i, m in enumerate(messages)
-    ]

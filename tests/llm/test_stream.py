@@ -23,6 +23,7 @@ from streams_service.llm.stream import (
     SSEFrames,
     UpstreamStalled,
     _frame,
+    _frame_lines,
     merge_deltas,
 )
 
@@ -257,18 +258,6 @@ def test_sse_frames_survive_any_split_and_crlf(size: int) -> None:
     assert out[0] == (None, b"")  # the comment frame: no event name, skipped by the reader
 
 
-def _frame_by_the_spec(raw: bytes) -> tuple[str | None, bytes]:
-    """The general reading of one frame (every line looked at), to check the fast path by."""
-    name: str | None = None
-    data: list[bytes] = []
-    for line in raw.split(b"\n"):
-        if line.startswith(b"data:"):
-            data.append(line[6:] if line[5:6] == b" " else line[5:])
-        elif line.startswith(b"event:"):
-            name = line[6:].strip().decode("utf-8", "replace")
-    return name, b"\n".join(data)
-
-
 _LINE = st.sampled_from(
     [b"event: content_block_delta", b"event:ping", b"event: x  ", b'data: {"a":1}', b"data:1",
      b"data: ", b"data:", b"id: 7", b": comment", b"retry: 10", b"event: ", b"data: a b"]
@@ -278,7 +267,7 @@ _LINE = st.sampled_from(
 @given(st.lists(_LINE, min_size=1, max_size=5))
 def test_a_frame_reads_the_same_by_the_fast_path_and_the_general_one(lines: list[bytes]) -> None:
     raw = b"\n".join(lines)
-    assert _frame(raw) == _frame_by_the_spec(raw)
+    assert _frame(raw) == _frame_lines(raw)
 
 
 def test_multi_line_data_is_joined_with_newlines() -> None:

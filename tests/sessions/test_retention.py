@@ -138,10 +138,9 @@ async def test_restoring_a_session_whose_stream_expired_rebuilds_it_from_the_his
         await send(client, sid, "hi [[tokens:3]]")
         await wait_idle(client, sid)
         await send(client, sid, "and again [[tokens:4]]")
-        before = transcript(await stream_records(client, sid))
-        assert [role for _, role, _ in before] == ["user", "assistant"] * 2
         await wait_idle(client, sid)
         before = transcript(await stream_records(client, sid))
+        assert [role for _, role, _ in before] == ["user", "assistant"] * 2
 
         await expire_in_trash(app, client, sid)
         assert (await client.get(f"/v1/stream/sessions/{sid}")).status_code == 404
