@@ -11,9 +11,11 @@ upstream, the simulator's pace), so each runner starts its own servers from a wo
   (claude-sonnet-5-5): the same system prompt, tool specs, `thinking: {"type": "adaptive"}`
   and `max_tokens`, so the simulator streams the same thinking block before the text.
 - `scale`: our service pointed at a standalone simulator (200 ms, 50 tokens/s); N sessions each
-  answer `[[tokens:150]]` at once, each with one live SSE reader; the delivery lag of every
-  TEXT_MESSAGE_CONTENT event is its receive time minus its `timestamp` (same machine, same
-  clock; it includes the service's delta coalescing window). N steps 50, 100, 200, 500.
+  answer `[[tokens:150]] [[clock]]` at once, each with one live SSE reader. `[[clock]]` makes
+  the simulator start every text delta with `[t:<ms>]`, the time it sent it; the delivery lag
+  of a delta is the reader's receive time minus that (same machine, same clock), so it counts
+  everything between Claude and the reader: the wait to be read, the coalescing window, the
+  write and the delivery. N steps 50, 100, 150, 200, 300, 400, 500.
 
 Everything talks only to 127.0.0.1, and every wait is bounded.
 """
@@ -25,6 +27,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -70,6 +73,8 @@ SCALE_STEADY_STARTS_PER_S = 40.0
 SCALE_STEADY_WINDOW_S = 6.0
 SCALE_STEADY_LEAD_S = 2.0  # time to first text (200 ms + the thinking block) with margin
 SCALE_TARGET_RSS_MB = 400.0
+# The simulator's `[[clock]]` stamp at the head of each text delta it sends: its send time, ms.
+_CLOCK_RE = re.compile(r"\[t:(\d+)\]")
 MAX_OUTPUT_TOKENS = 4096  # the service's default GENERATION_MAX_OUTPUT_TOKENS
 MB = 1024 * 1024
 
@@ -176,8 +181,12 @@ class _SessionReader:
         self.first_text = asyncio.Event()
         self.done = asyncio.Event()  # RUN_FINISHED / RUN_ERROR seen (or the reader failed)
         self.first_text_at = 0.0  # perf_counter of the first TEXT_MESSAGE_CONTENT
-        # (event timestamp, receive time minus it), ms: the lag of every text event and when
-        # the service stamped it (the steady scale run keeps only those inside its window)
+        # (send time, receive time minus it), ms, of every text delta the simulator stamped
+        # (`[[clock]]`): the delivery lag from the source, the steady run keeping those sent
+        # inside its window
+        self.source_lags: list[tuple[float, float]] = []
+        # (event timestamp, receive time minus it), ms: the same from when the service handled
+        # the upstream event, which leaves out the time it spent waiting to be read
         self.stamped_lags: list[tuple[float, float]] = []
         self.run_error: str | None = None
         self.error: str | None = None
@@ -239,6 +248,9 @@ class _SessionReader:
                 if not self.first_text.is_set():
                     self.first_text_at = now_perf
                     self.first_text.set()
+                delta = event.get("delta")
+                for stamp in _CLOCK_RE.findall(delta if isinstance(delta, str) else ""):
+                    self.source_lags.append((int(stamp), now_ms - int(stamp)))
                 if isinstance(event.get("timestamp"), int | float):
                     self.stamped_lags.append((event["timestamp"], now_ms - event["timestamp"]))
             elif kind in ("RUN_FINISHED", "RUN_ERROR"):
@@ -717,14 +729,15 @@ async def _scale_step(server: Server, n: int) -> Result:
             cpu0 = server.cpu_seconds()
             with _RssPeak(server) as rss:
                 t1 = time.perf_counter()
-                text = f"go [[tokens:{SCALE_TOKENS}]]"
+                text = f"go [[tokens:{SCALE_TOKENS}]] [[clock]]"
                 await _gather_limited(100, sessions, lambda s: _send(client, server, s, text))
                 post_s = time.perf_counter() - t1
                 remaining = max(1.0, SCALE_STEP_TIMEOUT_S - (time.perf_counter() - t1))
                 await _wait_for_runs(sessions, remaining)
                 run_s = time.perf_counter() - t1
             cpu_s = server.cpu_seconds() - cpu0
-            lags = [lag for s in sessions if s.reader for _, lag in s.reader.stamped_lags]
+            lags = [lag for s in sessions if s.reader for _, lag in s.reader.source_lags]
+            service_lags = [lag for s in sessions if s.reader for _, lag in s.reader.stamped_lags]
             errors = _errors(sessions) + _unfinished(sessions)
             return {
                 "sessions": n,
@@ -737,8 +750,9 @@ async def _scale_step(server: Server, n: int) -> Result:
                     for s in sessions
                     if s.reader and s.reader.done.is_set() and not s.reader.error
                 ),
-                "text_events": len(lags),
+                "text_deltas": len(lags),
                 "lag_ms": percentiles(lags),
+                "service_lag_ms": percentiles(service_lags),
                 "rss_peak_mb": round(rss.peak / MB, 1),
                 "server_cpu_cores": round(cpu_s / max(run_s, 1e-9), 2),
                 "errors": len(errors),
@@ -757,7 +771,7 @@ async def _scale_steady_step(server: Server, n: int) -> Result:
     async with _client(n) as client:
         sessions = await _open_sessions(client, server, n)
         try:
-            text = f"go [[tokens:{tokens}]]"
+            text = f"go [[tokens:{tokens}]] [[clock]]"
             cpu0 = server.cpu_seconds()
             with _RssPeak(server) as rss:
                 t0 = time.perf_counter()
@@ -772,20 +786,26 @@ async def _scale_steady_step(server: Server, n: int) -> Result:
                 )
                 run_s = time.perf_counter() - t0
             cpu_s = server.cpu_seconds() - cpu0
-            stamped = [s.reader.stamped_lags for s in sessions if s.reader]
+            sent = [s.reader.source_lags for s in sessions if s.reader]
             errors = _errors(sessions)
-            if any(not lags for lags in stamped) or len(stamped) < n:
+            if any(not lags for lags in sent) or len(sent) < n:
                 errors.append("a session produced no text")
                 window: tuple[float, float] | None = None
                 lags: list[float] = []
+                service_lags: list[float] = []
             else:
                 # All N generate from the last first-token to the first last-token.
-                start_ms = max(lags[0][0] for lags in stamped)
-                end_ms = min(
-                    start_ms + SCALE_STEADY_WINDOW_S * 1000, min(x[-1][0] for x in stamped)
-                )
+                start_ms = max(lags[0][0] for lags in sent)
+                end_ms = min(start_ms + SCALE_STEADY_WINDOW_S * 1000, min(x[-1][0] for x in sent))
                 window = (start_ms, end_ms)
-                lags = [lag for x in stamped for ts, lag in x if start_ms <= ts <= end_ms]
+                lags = [lag for x in sent for ts, lag in x if start_ms <= ts <= end_ms]
+                service_lags = [
+                    lag
+                    for s in sessions
+                    if s.reader
+                    for ts, lag in s.reader.stamped_lags
+                    if start_ms <= ts <= end_ms
+                ]
             errors += _unfinished(sessions)
             return {
                 "sessions": n,
@@ -793,8 +813,9 @@ async def _scale_steady_step(server: Server, n: int) -> Result:
                 "ramp_s": round(ramp_s, 1),
                 "window_s": round((window[1] - window[0]) / 1000, 2) if window else 0.0,
                 "run_s": round(run_s, 2),
-                "text_events": len(lags),
+                "text_deltas": len(lags),
                 "lag_ms": percentiles(lags),
+                "service_lag_ms": percentiles(service_lags),
                 "rss_peak_mb": round(rss.peak / MB, 1),
                 "server_cpu_cores": round(cpu_s / max(run_s, 1e-9), 2),
                 "errors": len(errors),

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
                     "sessions": n,
                     "window_s": step["window_s"],
                     "lag_ms": {k: step["lag_ms"].get(k) for k in ("p50", "p99", "max")},
+                    "service_lag_ms": {
+                        k: step["service_lag_ms"].get(k) for k in ("p50", "p99", "max")
+                    },
                     "service_user_s": round(cpu1[0] - cpu0[0], 2),
                     "service_system_s": round(cpu1[1] - cpu0[1], 2),
                     "appends": counts1.get(_WRITER_METRICS[0], 0)

@@ -14,6 +14,9 @@ request itself chooses behaviour through directives in the last user message tex
     [[tokens:N]]                     length of the generated text, in tokens
     [[stop:REASON]]                  force the stop reason (end_turn, max_tokens, stop_sequence,
                                      pause_turn, refusal, model_context_window_exceeded)
+    [[clock]]                        streamed text deltas begin with `[t:MS]`, the Unix time in
+                                     milliseconds at which the simulator sent them, so a reader
+                                     downstream can measure its lag from the source (benchmarks)
 
 Faults: rate_limit (429), overloaded (529), server_error (500), invalid_request (400),
 auth (401), midstream_error (`event: error` after a few deltas), cut (TCP connection dropped
@@ -319,6 +322,7 @@ _FAULT_RE: Final = re.compile(r"\[\[fault:([a-z_]+)(?:\*(\d+))?\]\]")
 _TOKENS_RE: Final = re.compile(r"\[\[tokens:(\d+)\]\]")
 _STOP_RE: Final = re.compile(r"\[\[stop:([a-z_]+)\]\]")
 _TOOL_RE: Final = re.compile(r"\[\[tool:([A-Za-z0-9_.\-]+)")
+_CLOCK: Final = "[[clock]]"
 _FAULT_HEADER_RE: Final = re.compile(r"^\s*([a-z_]+)(?:\*(\d+))?\s*$")
 
 
@@ -645,6 +649,7 @@ class _Plan:
     stop_reason: str
     stop_sequence: str | None
     stop_details: dict[str, Any] | None
+    clock: bool = False  # [[clock]]: stamp each streamed text delta with its send time
 
     @property
     def output_tokens(self) -> int:
@@ -772,7 +777,7 @@ def _plan_response(req: _Request, config: SimulatorConfig) -> _Plan:
     details = None
     if stop_reason == "refusal":
         details = {"type": "refusal", "category": None, "explanation": "Simulated refusal."}
-    return _Plan(kept, stop_reason, stop_sequence, details)
+    return _Plan(kept, stop_reason, stop_sequence, details, _CLOCK in last_text)
 
 
 def _prompt_index(messages: list[dict[str, Any]]) -> int | None:
@@ -1067,6 +1072,8 @@ async def _event_stream(
             count = await pacer.take(len(block.pieces) - position)
             chunk = "".join(block.pieces[position : position + count])
             position += count
+            if plan.clock and block.kind == "text":
+                chunk = f"[t:{time.time() * 1000:.0f}]{chunk}"
             yield _sse(
                 "content_block_delta",
                 {"type": "content_block_delta", "index": index, "delta": block.delta(chunk)},

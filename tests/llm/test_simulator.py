@@ -143,6 +143,27 @@ async def test_tokens_directive(client: anthropic.AsyncAnthropic) -> None:
     assert final.usage.output_tokens == 5
 
 
+async def test_clock_directive_stamps_each_text_delta_with_its_send_time(
+    client: anthropic.AsyncAnthropic,
+) -> None:
+    before = time.time() * 1000
+    texts, final = await stream_final(
+        client, messages=user(prompt("Stamped [[tokens:6]] [[clock]]"))
+    )
+    after = time.time() * 1000
+
+    stamps = []
+    for text in texts:
+        head, _, rest = text.partition("]")
+        assert head.startswith("[t:") and rest  # every delta: one stamp, then its words
+        stamps.append(int(head[3:]))
+    assert stamps == sorted(stamps)
+    assert before <= stamps[0] and stamps[-1] <= after
+    words = "".join(t.partition("]")[2] for t in texts)
+    assert len(words.split()) == 6
+    assert final.usage.output_tokens == 6
+
+
 async def test_non_streaming(client: anthropic.AsyncAnthropic) -> None:
     raw_response = await client.messages.with_raw_response.create(
         model=MODEL, max_tokens=1024, messages=user(prompt("Hi"))
