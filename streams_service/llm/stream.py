@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -161,16 +161,20 @@ class MessageStream:
         self.accumulated = MessageAccumulator()
 
     async def events(
-        self, pause: Callable[[], float] | None = None, read_timeout: float | None = None
+        self,
+        pause: Callable[[], Awaitable[object] | None] | None = None,
+        read_timeout: float | None = None,
     ) -> AsyncIterator[Event]:
-        """The stream's events, in order. With `pause`, each read that had to wait for data is
-        followed by a pause of `pause()` seconds: the events arriving meanwhile queue in the
-        socket and are then taken one after another without waiting, instead of each costing
-        the event loop a wake-up and the HTTP client's whole read path."""
+        """The stream's events, in order. With `pause`, a read that had to wait for data is
+        followed by `pause()`: when that gives an awaitable, reading goes on once it is done,
+        and every read after it is followed by `pause()` again, for as long as it gives one.
+        The events arriving meanwhile are buffered and then taken in one read, instead of each
+        costing the event loop a wake-up and the HTTP client's whole read path."""
         loop = asyncio.get_running_loop()
         frames = SSEFrames()
         chunks = self._response.iter_bytes().__aiter__()
         watchdog = _ReadWatchdog(read_timeout)
+        pausing = False
         try:
             while True:
                 started = loop.time()
@@ -193,10 +197,11 @@ class MessageStream:
                     yield event
                 if error is not None:
                     raise error
-                if waited and pause is not None:
-                    delay = pause()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
+                if pause is not None and (waited or pausing):
+                    until = pause()
+                    pausing = until is not None
+                    if until is not None:
+                        await until
         finally:
             watchdog.close()
 

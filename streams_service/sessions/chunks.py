@@ -39,35 +39,90 @@ _MERGEABLE = {
 }
 
 
+# Ticks of the shared timer per flush interval: a batch is written at the last tick before it
+# is one interval old, so it waits between 3/4 of an interval and one. More ticks write closer
+# to the deadline but wake the loop more often; fewer spread the writes over fewer, larger
+# bursts.
+TICKS_PER_INTERVAL = 2
+
+
 class Flusher:
     """One timer for the pending deltas of many ChunkWriters (GenerationManager keeps one for
-    the process). A writer with deltas waiting registers; when the timer fires, every registered
-    writer hands its batch to the store at once, from the timer's callback: no task, coroutine or
-    lock per write, one timer for all of them instead of one per batch, and the batches of one
-    tick reach the stream writer together, so they share its commits. A delta waits at most one
-    interval, as before; on average half of one. Idle writers cost nothing: the timer is armed
-    only while one is registered."""
+    the process). A writer whose first delta is pending registers and is due one interval later
+    (the interval asked as it registers: GenerationManager's stretches under load). While any
+    writer is registered the timer ticks TICKS_PER_INTERVAL times an interval, and each tick
+    hands the batch of every writer that would be overdue by the next tick to the store, from a
+    callback: no task, coroutine or lock per write, and the batches of one tick reach the stream
+    writer together, so they share its commits. A delta waits at most one interval. Idle writers
+    cost nothing: the timer is armed only while one is registered.
+
+    A generation can sleep until its writer's next timed write (`until_next_write`) instead of
+    reading upstream event by event: the tick wakes it first and writes a loop turn later, so
+    what upstream sent meanwhile, read in one go, goes out in that same write, and the
+    generation wakes and reads once per write."""
 
     def __init__(self, interval: Callable[[], float]) -> None:
-        # Asked as each tick is armed: GenerationManager's interval stretches under load.
         self._interval = interval
-        self._due: dict[ChunkWriter, None] = {}  # an ordered set: writes go out in arrival order
+        # Writer -> loop time its tick is due: its pending batch is one interval old, or the
+        # generation sleeping on it wants to read. An ordered dict: writes go out in arrival
+        # order.
+        self._due: dict[ChunkWriter, float] = {}
+        self._sleeping: dict[ChunkWriter, asyncio.Future[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._tick_s = 0.0
 
     def register(self, writer: ChunkWriter) -> None:
-        self._due[writer] = None
+        if writer in self._due:
+            return  # already due no later than one interval from now
+        loop = asyncio.get_running_loop()
+        interval = self._interval()
+        self._due[writer] = loop.time() + interval
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._interval(), self._tick)
+            self._tick_s = interval / TICKS_PER_INTERVAL
+            self._timer = loop.call_later(self._tick_s, self._tick)
 
     def unregister(self, writer: ChunkWriter) -> None:
+        """`writer` has nothing pending any more. A generation sleeping on it keeps its tick."""
+        sleeper = self._sleeping.get(writer)
+        if sleeper is not None and not sleeper.done():
+            return
+        self._sleeping.pop(writer, None)
         self._due.pop(writer, None)
         if not self._due and self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
+    def until_next_write(self, writer: ChunkWriter) -> asyncio.Future[None]:
+        """Done just before `writer`'s next timed write: when its pending batch is due, or one
+        interval from now when nothing is pending."""
+        self.register(writer)
+        sleeper = self._sleeping.get(writer)
+        if sleeper is None or sleeper.done():
+            sleeper = asyncio.get_running_loop().create_future()
+            self._sleeping[writer] = sleeper
+        return sleeper
+
     def _tick(self) -> None:
         self._timer = None
-        due, self._due = self._due, {}
+        loop = asyncio.get_running_loop()
+        horizon = loop.time() + self._tick_s
+        due = [writer for writer, at in self._due.items() if at <= horizon]
+        for writer in due:
+            del self._due[writer]
+            sleeper = self._sleeping.pop(writer, None)
+            if sleeper is not None and not sleeper.done():
+                # The woken generation's step is queued now and runs before the write queued
+                # below (the loop runs callbacks in order): it reads what is buffered without
+                # waiting, so that joins this write.
+                sleeper.set_result(None)
+        if due:
+            loop.call_soon(self._write, due)
+        if self._due:
+            self._tick_s = self._interval() / TICKS_PER_INTERVAL
+            self._timer = loop.call_later(self._tick_s, self._tick)
+
+    @staticmethod
+    def _write(due: list[ChunkWriter]) -> None:
         for writer in due:
             writer.flush_from_timer()
 
@@ -177,6 +232,10 @@ class ChunkWriter:
                     self._inflight = self._freeze()
                 await self._append(self._inflight)
                 self._inflight = None
+
+    def until_next_write(self) -> asyncio.Future[None]:
+        """See Flusher.until_next_write: done just before this writer's next timed write."""
+        return self._flusher.until_next_write(self)
 
     def flush_from_timer(self) -> None:
         """The Flusher's tick: hand the pending batch to the store now, from the callback. When

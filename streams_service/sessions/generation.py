@@ -513,11 +513,16 @@ class _Runner:
                     )
                 )
 
-    def _read_pause(self) -> float:
-        """How long upstream events may gather in the socket after a read that waited: none
-        until the first token is out (time to first token), then half the coalescing interval,
-        so an event waits at most that long on top of the interval it waits anyway."""
-        return 0.0 if self.ttft_ms is None else self.m.flush_interval_s() / 2
+    def _read_pause(self) -> asyncio.Future[None] | None:
+        """Between reads of upstream: sleep until this message's next timed write. The Flusher
+        wakes the generation just before it writes, what upstream sent meanwhile is read in one
+        go and joins that write, and the generation sleeps again: one wake-up and one read per
+        write instead of one per upstream event, and each delta waits at most the coalescing
+        interval in all. No sleeping until the first words are out (time to first token): a
+        delta arriving meanwhile would wait with it."""
+        if not self.text_seen or self.writer is None:
+            return None
+        return self.writer.until_next_write()
 
     def _first_token(self) -> bool:
         if self.ttft_ms is None:

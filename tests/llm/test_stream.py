@@ -342,6 +342,49 @@ def _text_stream(pieces: list[str]) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+class _Paced(_FakeResponse):
+    """One event per read; the reads listed in `waits` wait for the network first."""
+
+    def __init__(self, body: bytes, waits: set[int]) -> None:
+        super().__init__(body)
+        self.waits = waits
+        self.reads = 0
+
+    async def iter_bytes(self) -> Any:
+        for i, frame in enumerate(self._body.split(b"\n\n")[:-1]):
+            if i in self.waits:
+                await asyncio.sleep(0.01)  # longer than a read of buffered data takes
+            self.reads += 1
+            yield frame + b"\n\n"
+
+
+async def test_a_pause_follows_a_read_that_waited_and_then_every_read_while_it_lasts() -> None:
+    body = b"".join(_sse(name, data) for name, data in _text_stream(list("abcdef")))
+    response = _Paced(body, waits={0, 3})
+    stream = MessageStream(response)
+    answers: list[asyncio.Future[None] | None] = []
+    after_reads: list[int] = []
+
+    def pause() -> asyncio.Future[None] | None:
+        after_reads.append(response.reads)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        # Not yet (as before the first words), then a sleep, then no more.
+        answer = [None, done, None][len(after_reads) - 1] if len(after_reads) <= 3 else None
+        answers.append(answer)
+        return answer
+
+    text = ""
+    async for event in stream.events(pause):
+        if event["type"] == "content_block_delta":
+            text += event["delta"]["text"]
+    assert text == "abcdef"
+    # Read 1 waited: asked, no pause. Reads 2-3 did not wait: not asked. Read 4 waited: asked,
+    # a pause; so read 5 is followed by the question too, whose answer ends the pausing.
+    assert after_reads == [1, 4, 5]
+    assert [a is not None for a in answers] == [False, True, False]
+
+
 class _OneRead(_FakeResponse):
     """The whole body in one read, as after a pause in which upstream sent several events."""
 

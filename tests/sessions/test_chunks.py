@@ -129,28 +129,35 @@ async def test_the_writer_asks_its_pace_for_each_batch(
 
     path, writer = await _writer(app, interval_s=10.0, pace=pace)
     async with writer:
-        await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="x"))
-        for _ in range(100):
-            if writer.appends:
-                break
-            await asyncio.sleep(0.02)
-        assert writer.appends == 1  # by the pace's 20 ms, not the 10 s interval
-    assert asked == [1]
-    assert [e[0].get("delta") for e in await _events(client, path)] == ["x"]
+        for expected, piece in enumerate(("x", "y"), start=1):
+            before = len(asked)
+            await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta=piece))
+            for _ in range(100):
+                if writer.appends == expected:
+                    break
+                await asyncio.sleep(0.02)
+            assert writer.appends == expected  # by the pace's 20 ms, not the 10 s interval
+            assert len(asked) > before  # asked again for this batch
+    assert [e[0].get("delta") for e in await _events(client, path)] == ["x", "y"]
 
 
-async def test_one_flusher_tick_writes_every_writer_that_has_deltas(
-    app: FastAPI, client: httpx.AsyncClient
-) -> None:
+class _RecordingFlusher(Flusher):
+    """Records how many writers each tick wrote."""
+
+    def __init__(self, interval: Callable[[], float]) -> None:
+        super().__init__(interval)
+        self.ticks: list[int] = []
+
+    def _write(self, due: list[ChunkWriter]) -> None:  # type: ignore[override]
+        self.ticks.append(len(due))
+        super()._write(due)
+
+
+async def _flusher_writers(
+    app: FastAPI, flusher: Flusher, count: int
+) -> tuple[list[str], list[ChunkWriter]]:
     services: Services = app.state.services
-    asked: list[float] = []
-
-    def interval() -> float:
-        asked.append(0.05)
-        return 0.05
-
-    flusher = Flusher(interval)
-    paths = [f"sessions/chunks-{uuid.uuid4()}" for _ in range(3)]
+    paths = [f"sessions/chunks-{uuid.uuid4()}" for _ in range(count)]
     writers = []
     for i, path in enumerate(paths):
         await services.store.create(path, CreateRequest(content_type="application/json"))
@@ -159,6 +166,14 @@ async def test_one_flusher_tick_writes_every_writer_that_has_deltas(
                 services.store, path, message_id=f"m{i}", producer_id=f"gen-{i}", flusher=flusher
             )
         )
+    return paths, writers
+
+
+async def test_one_flusher_tick_writes_every_writer_that_has_deltas(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    flusher = _RecordingFlusher(lambda: 0.05)
+    paths, writers = await _flusher_writers(app, flusher, 3)
     for writer in writers:
         await writer.__aenter__()
         for piece in ("a", "b"):
@@ -169,18 +184,88 @@ async def test_one_flusher_tick_writes_every_writer_that_has_deltas(
             break
         await asyncio.sleep(0.02)
     assert [w.appends for w in writers] == [1, 1, 1]
-    assert asked == [0.05]  # one timer for the three batches
+    assert flusher.ticks == [3]  # one tick wrote the three batches
     # The next delta arms it again, and a flush in between waits for nothing stale.
     await writers[0].emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m", delta="c"))
     await writers[0].flush()
     assert writers[0].appends == 2
     for writer in writers:
         await writer.__aexit__(None, None, None)
-    assert len(asked) == 2
+    assert flusher.ticks == [3]  # the flush wrote "c" itself; the timer had nothing left
     for path in paths[1:]:
         assert [e[0].get("delta") for e in await _events(client, path)] == ["ab"]
     assert [e[0].get("delta") for e in await _events(client, paths[0])] == ["ab", "c"]
     assert writers[0].last_offset is not None
+
+
+async def test_a_batch_is_written_within_one_interval_of_its_first_delta(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    flusher = _RecordingFlusher(lambda: 0.2)
+    _paths, writers = await _flusher_writers(app, flusher, 2)
+    loop = asyncio.get_running_loop()
+    async with writers[0], writers[1]:
+        await writers[0].emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m", delta="a"))
+        await asyncio.sleep(0.1)  # half an interval later, the second writer's first delta
+        started = loop.time()
+        await writers[1].emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m", delta="b"))
+        for _ in range(100):
+            if writers[0].appends:
+                break
+            await asyncio.sleep(0.01)
+        # The first is due at 0.2 s, before the second: written alone, at its own deadline.
+        assert writers[0].appends == 1 and writers[1].appends == 0
+        for _ in range(100):
+            if writers[1].appends:
+                break
+            await asyncio.sleep(0.01)
+        waited = loop.time() - started
+        assert writers[1].appends == 1
+        # At the last tick before its interval ran out (ticks are half an interval apart).
+        assert 0.1 <= waited <= 0.3
+    assert flusher.ticks == [1, 1]
+
+
+async def test_a_generation_woken_by_its_tick_joins_the_write_it_precedes(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    flusher = _RecordingFlusher(lambda: 0.05)
+    paths, writers = await _flusher_writers(app, flusher, 1)
+    writer = writers[0]
+    loop = asyncio.get_running_loop()
+    async with writer:
+        await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m", delta="a"))
+        until = writer.until_next_write()
+        assert writer.until_next_write() is until
+
+        async def generation() -> None:
+            # What a generation does: sleep until the tick, then take what upstream sent
+            # meanwhile (here, at once: emitting a delta does not suspend).
+            await until
+            assert writer.appends == 0  # woken before the write
+            await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m", delta="b"))
+
+        await asyncio.wait_for(generation(), timeout=5)
+        for _ in range(100):
+            if writer.appends:
+                break
+            await asyncio.sleep(0.01)
+        assert writer.appends == 1
+        assert flusher.ticks == [1]
+
+        # With nothing pending, the sleep lasts one interval (at most), and the tick writes
+        # nothing. A batch written some other way meanwhile does not cut it short.
+        started = loop.time()
+        until = writer.until_next_write()
+        await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m", delta="c"))
+        await writer.flush()
+        assert writer.appends == 2 and not until.done()
+        await asyncio.wait_for(until, timeout=5)
+        assert 0.02 <= loop.time() - started <= 0.5
+        await asyncio.sleep(0.02)  # the tick's write (of nothing) has run
+        assert writer.appends == 2
+        assert len(flusher.ticks) == 2
+    assert [e[0].get("delta") for e in await _events(client, paths[0])] == ["ab", "c"]
 
 
 async def test_a_timer_write_that_fails_is_retried_by_the_next_flush_which_reports_it(
