@@ -43,7 +43,7 @@ import secrets
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
@@ -113,7 +113,11 @@ class SimulatorConfig:
     ttft_ms: float = 300.0
     """Delay between the request and the first event (`message_start`)."""
     tokens_per_s: float = 80.0
-    """Output pace; 0 or less streams as fast as the connection allows."""
+    """Output pace; 0 or less streams as fast as the connection allows.
+
+    Streams share one pacing clock that ticks every 2 ms: a token goes out up to 2 ms after it
+    falls due, so above ~500 tokens/s deltas routinely carry several tokens each.
+    """
     output_tokens: int = 60
     """Length of generated text unless the request says `[[tokens:N]]`."""
     thinking_tokens: int = 24
@@ -864,6 +868,7 @@ class _State:
     attempts: OrderedDict[str, int] = field(default_factory=OrderedDict)
     # Set when the server stops, so open streams end instead of holding shutdown hostage.
     closing: asyncio.Event = field(default_factory=asyncio.Event)
+    ticker: _Ticker = field(default_factory=lambda: _Ticker(_TICK_S))
     requests_total: int = 0
     active_responses: int = 0
 
@@ -889,6 +894,49 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     # Every event is named: the SDK drops events without an `event:` line.
     payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     return f"event: {event}\ndata: {payload}\n\n".encode()
+
+
+# A JSON string literal exactly as `json.dumps(..., ensure_ascii=False)` writes one inside `_sse`
+# (both end in the same string encoder), without building an encoder per call as dumps does.
+_json_string: Final = json.JSONEncoder(ensure_ascii=False).encode
+# Stands for the chunk while a delta frame is rendered: JSON spells it "\u0000", which no other
+# part of a delta event can contain, so the frame splits around it unambiguously.
+_CHUNK_MARK: Final = "\x00"
+
+
+def _delta_frame(index: int, block: _Block) -> Callable[[str], bytes]:
+    """Renders the block's `content_block_delta` events, byte for byte as `_sse` would.
+
+    Deltas are most of what a stream sends (tens of thousands a second in the benchmarks), and
+    only their chunk varies, so the frame is rendered once, by `_sse` itself so the two can never
+    drift apart, and each chunk is spliced in.
+    """
+    event = {"type": "content_block_delta", "index": index, "delta": block.delta(_CHUNK_MARK)}
+    head, tail = _sse("content_block_delta", event).split(_json_string(_CHUNK_MARK).encode())
+
+    def render(chunk: str) -> bytes:
+        return b"".join((head, _json_string(chunk).encode(), tail))
+
+    return render
+
+
+# Where `_SimulatorApp` leaves the server's own `send` for `_PacedResponse`.
+_SERVER_SEND: Final = "chatops.simulator.server_send"
+
+
+class _SimulatorApp(Starlette):
+    """Starlette that also hands responses the ASGI server's own `send`, unwrapped.
+
+    Starlette's error and exception middleware wrap `send` only to learn whether the response
+    has started. A paced response sends its start through them, so error handling is unchanged,
+    and its body chunks (one per delta, tens of thousands a second at benchmark load) straight
+    to the server, skipping a stack of wrapper coroutines per chunk. Middleware added to this
+    app would be skipped for those chunks as well: there is none, and none may rewrite bodies.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[_SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 class _PacedResponse(Response):
@@ -920,45 +968,43 @@ class _PacedResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._state.active_responses += 1
         try:
-            finished = False
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
                 tg.start_soon(self._watch_closing, tg.cancel_scope)
-                finished = await self._produce(send)
-                tg.cancel_scope.cancel()
-            if finished:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # The producer resumes once per delta. In a task of its own, each resumption
+                # passes through a short chain of awaits, not the whole ASGI stack above us.
+                tg.start_soon(self._produce, send, scope.get(_SERVER_SEND, send), tg.cancel_scope)
         finally:
             self._state.active_responses -= 1
             await self._body.aclose()
 
-    async def _produce(self, send: Send) -> bool:
-        started = False
-
-        async def start() -> None:
-            nonlocal started
-            if not started:
-                started = True
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": self.status_code,
-                        "headers": self.raw_headers,
-                    }
-                )
-
-        if self._headers_first:
-            await start()
+    async def _produce(self, send: Send, send_body: Send, done: anyio.CancelScope) -> None:
+        # See _SimulatorApp: the start goes through `send` so middleware sees it; the body
+        # chunks go straight to the server.
+        start = {
+            "type": "http.response.start",
+            "status": self.status_code,
+            "headers": self.raw_headers,
+        }
+        started = self._headers_first
+        if started:
+            await send(start)
         try:
             async for chunk in self._body:
-                await start()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if not started:
+                    started = True
+                    await send(start)
+                await send_body({"type": "http.response.body", "body": chunk, "more_body": True})
         except _AbortConnection:
-            # Headers must be out for the close to read as a broken body, not a 500.
-            await start()
-            return False
-        await start()
-        return True
+            # Headers must be out for the close to read as a broken body, not a 500; ending
+            # without the final body message is what makes uvicorn drop the connection.
+            if not started:
+                await send(start)
+        else:
+            if not started:
+                await send(start)
+            await send_body({"type": "http.response.body", "body": b"", "more_body": False})
+        done.cancel()
 
     @staticmethod
     async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
@@ -971,30 +1017,84 @@ class _PacedResponse(Response):
         scope.cancel()
 
 
+# Granularity of the shared pacing clock: a token goes out at most this much after it falls due.
+# uvloop's timers have 1 ms resolution anyway; coarser ticks let more streams share each wakeup.
+_TICK_S: Final = 0.002
+
+
+class _Ticker:
+    """One timer per clock tick for every waiting stream, instead of one per token per stream.
+
+    At benchmark load (hundreds of streams at tens of tokens a second) a timer and a future per
+    token per stream were a large share of the simulator's CPU. Here a waiter joins the first
+    tick at or after its deadline, and the tick wakes all of its waiters at once.
+    """
+
+    def __init__(self, tick_s: float) -> None:
+        self._tick_s = tick_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+
+    def wake_at(self, loop: asyncio.AbstractEventLoop, deadline: float) -> asyncio.Future[None]:
+        """Done when `loop`'s clock reads `deadline`, or up to one tick later."""
+        if loop is not self._loop:
+            # The app is being served by a new event loop: ticks left scheduled on an old one
+            # would never fire, and a waiter joining one would wait forever.
+            self._loop, self._waiters = loop, {}
+        tick = math.ceil(deadline / self._tick_s)
+        waiters = self._waiters.get(tick)
+        if waiters is None:
+            waiters = self._waiters[tick] = []
+            loop.call_at(tick * self._tick_s, self._wake, tick)
+        # A future per waiter, not one per tick: cancelling a waiting stream cancels the future
+        # it waits on, and that must not cancel the other streams.
+        waiter: asyncio.Future[None] = loop.create_future()
+        waiters.append(waiter)
+        return waiter
+
+    def _wake(self, tick: int) -> None:
+        for waiter in self._waiters.pop(tick, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 class _Pacer:
     """Releases output tokens at `tokens_per_s`; tokens that fell due together share a delta."""
 
-    def __init__(self, tokens_per_s: float) -> None:
+    def __init__(self, tokens_per_s: float, ticker: _Ticker) -> None:
         self._interval = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
-        self._start: float | None = None
+        self._ticker = ticker
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._start = 0.0
         self._released = 0
 
     def duration(self, tokens: int) -> float:
         return max(0, tokens - 1) * self._interval
 
-    async def take(self, wanted: int) -> int:
-        """Wait for the next token to fall due; return how many (<= wanted) may go now."""
-        now = time.monotonic()
-        if self._start is None:
-            self._start = now
+    def wait(self) -> asyncio.Future[None] | None:
+        """What to await until the next token falls due; None if it already has.
+
+        Not a coroutine itself: this runs once per delta per stream, and a coroutine frame
+        more on that path is measurable at benchmark load.
+        """
+        if self._interval == 0.0:
+            return None
+        # Time is the loop's clock, the one the ticker's timers run on. The loop is looked up
+        # once: asyncio.get_running_loop() costs a getpid() system call every time.
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            self._start = loop.time()
+        due_at = self._start + self._released * self._interval
+        return self._ticker.wake_at(loop, due_at) if due_at > loop.time() else None
+
+    def take(self, wanted: int) -> int:
+        """Release the tokens due by now (once `wait()` is done): at least one, at most `wanted`."""
         if self._interval == 0.0:
             self._released += 1
             return 1
-        due_at = self._start + self._released * self._interval
-        if due_at > now:
-            await asyncio.sleep(due_at - now)
-            now = time.monotonic()
-        due = int((now - self._start) / self._interval) + 1 - self._released
+        assert self._loop is not None, "take() before wait()"
+        due = int((self._loop.time() - self._start) / self._interval) + 1 - self._released
         count = max(1, min(wanted, due))
         self._released += count
         return count
@@ -1002,7 +1102,9 @@ class _Pacer:
     async def skip(self, tokens: int) -> None:
         """Spend the time of `tokens` tokens without emitting them (hidden thinking)."""
         while tokens > 0:
-            tokens -= await self.take(tokens)
+            if (due := self.wait()) is not None:
+                await due
+            tokens -= self.take(tokens)
 
 
 def _message(
@@ -1051,7 +1153,7 @@ async def _event_stream(
         await asyncio.sleep(config.stall_s)
         raise _AbortConnection
 
-    pacer = _Pacer(config.tokens_per_s)
+    pacer = _Pacer(config.tokens_per_s, state.ticker)
     deltas = 0
     failing = fault in ("midstream_error", "cut", "truncate")
     for index, block in enumerate(plan.blocks):
@@ -1059,25 +1161,24 @@ async def _event_stream(
             "content_block_start",
             {"type": "content_block_start", "index": index, "content_block": block.start_block()},
         )
+        delta = _delta_frame(index, block)
         if block.kind == "tool_use":
             # The API opens tool input with an empty fragment; clients must cope with it.
-            yield _sse(
-                "content_block_delta",
-                {"type": "content_block_delta", "index": index, "delta": block.delta("")},
-            )
+            yield delta("")
         if block.hidden:
             await pacer.skip(block.tokens)
+        stamped = plan.clock and block.kind == "text"
+        pieces = block.pieces
         position = 0
-        while position < len(block.pieces):
-            count = await pacer.take(len(block.pieces) - position)
-            chunk = "".join(block.pieces[position : position + count])
+        while position < len(pieces):
+            if (due := pacer.wait()) is not None:
+                await due
+            count = pacer.take(len(pieces) - position)
+            chunk = pieces[position] if count == 1 else "".join(pieces[position : position + count])
             position += count
-            if plan.clock and block.kind == "text":
+            if stamped:
                 chunk = f"[t:{time.time() * 1000:.0f}]{chunk}"
-            yield _sse(
-                "content_block_delta",
-                {"type": "content_block_delta", "index": index, "delta": block.delta(chunk)},
-            )
+            yield delta(chunk)
             deltas += 1
             if failing and deltas >= _DELTAS_BEFORE_FAULT:
                 break
@@ -1243,7 +1344,7 @@ async def _messages(request: Request) -> Response:
     payload = json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
     headers["content-type"] = "application/json"
     headers["content-length"] = str(len(payload))
-    generation_s = _Pacer(state.config.tokens_per_s).duration(plan.output_tokens)
+    generation_s = _Pacer(state.config.tokens_per_s, state.ticker).duration(plan.output_tokens)
     single = _single_body(state, payload, generation_s, fault)
     return _PacedResponse(state, 200, headers, single, headers_first=False)
 
@@ -1346,7 +1447,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 def create_simulator_app(config: SimulatorConfig | None = None) -> Starlette:
     """The simulator as an ASGI app; state (cache, fault counters) lives with the app."""
     config = config or SimulatorConfig()
-    app = Starlette(
+    app = _SimulatorApp(
         routes=[
             Route("/v1/messages", _messages, methods=["POST"]),
             Route("/v1/messages/count_tokens", _count_tokens, methods=["POST"]),

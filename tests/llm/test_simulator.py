@@ -23,8 +23,18 @@ import httpx2
 import pytest
 import pytest_asyncio
 from anthropic.types import ThinkingConfigParam, ToolParam
+from hypothesis import example, given
+from hypothesis import strategies as st
 
-from streams_service.llm.simulator import SimulatorConfig, run_simulator
+from streams_service.llm.simulator import (
+    SimulatorConfig,
+    _Block,
+    _delta_frame,
+    _Pacer,
+    _sse,
+    _Ticker,
+    run_simulator,
+)
 from tests.support import REPO_ROOT, chatops_bin, free_port
 
 # One simulator for the module keeps the suite fast; tests use unique prompts so the shared
@@ -799,6 +809,131 @@ async def test_models(client: anthropic.AsyncAnthropic) -> None:
     assert one.id == page.data[0].id
     with pytest.raises(anthropic.NotFoundError):
         await client.models.retrieve("claude-nonexistent")
+
+
+# --- the streaming hot path ---------------------------------------------------------------------
+
+BLOCKS = [
+    _Block("text"),
+    _Block("thinking", signature="sig"),
+    _Block("tool_use", tool_id="toolu_01x", tool_name="calculator"),
+]
+
+
+def sse_delta(index: int, block: _Block, chunk: str) -> bytes:
+    event = {"type": "content_block_delta", "index": index, "delta": block.delta(chunk)}
+    return _sse("content_block_delta", event)
+
+
+# Async only because this module's tests all run on its event loop; the checks are plain calls.
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.kind)
+async def test_delta_frame_is_byte_identical_to_sse(block: _Block) -> None:
+    @given(chunk=st.text(), index=st.integers(min_value=0, max_value=10_000))
+    @example(chunk="", index=0)
+    @example(chunk='say "hi"', index=1)
+    @example(chunk="back\\slash \\u0000 \\n", index=2)
+    @example(chunk="line\nbreak\r\ttab\x08\x0c", index=3)
+    @example(chunk="".join(map(chr, range(32))) + "\x7f", index=4)
+    @example(chunk="\x00", index=5)  # the marker the frame is split around
+    @example(chunk="\u2028\u2029 ünïcødé 日本語 \u211d", index=6)
+    @example(chunk="emoji 🙂👩\u200d👩\u200d👧 flags 🇳🇱", index=7)
+    @example(chunk='{"partial": [1, "two"', index=8)
+    @example(chunk="</script><!-- ]]> &amp;", index=9)
+    def check(chunk: str, index: int) -> None:
+        assert _delta_frame(index, block)(chunk) == sse_delta(index, block, chunk)
+
+    check()
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.kind)
+async def test_delta_frame_rejects_what_sse_rejects(block: _Block) -> None:
+    lone_surrogate = "half \ud83d of an emoji"
+    with pytest.raises(UnicodeEncodeError):
+        sse_delta(0, block, lone_surrogate)
+    with pytest.raises(UnicodeEncodeError):
+        _delta_frame(0, block)(lone_surrogate)
+
+
+async def test_pacer_is_never_early_and_at_most_a_tick_late() -> None:
+    tick_s = 0.002
+    interval = 0.005
+    pacer = _Pacer(1 / interval, _Ticker(tick_s))
+    loop = asyncio.get_running_loop()
+    releases: list[tuple[float, int]] = []
+    left = 40
+    while left:
+        if (due := pacer.wait()) is not None:
+            await due
+        count = pacer.take(left)
+        releases.append((loop.time(), count))
+        left -= count
+
+    start = releases[0][0]
+    assert releases[0][1] == 1  # the first token goes at once, alone
+    released = 0
+    for now, count in releases:
+        # The oldest token in the delta fell due no later than now, the newest too.
+        assert now >= start + (released + count - 1) * interval - 1e-9
+        # Lateness is the tick plus event loop jitter; generous, so a busy machine passes.
+        assert now <= start + released * interval + tick_s + 0.25
+        released += count
+    assert released == 40
+
+
+async def test_pacer_groups_tokens_that_fall_due_within_one_tick() -> None:
+    pacer = _Pacer(4000, _Ticker(0.002))  # 4 tokens a tick
+    deltas = 0
+    left = 100
+    while left:
+        if (due := pacer.wait()) is not None:
+            await due
+        left -= pacer.take(left)
+        deltas += 1
+    assert deltas < 100  # they shared deltas instead of going one by one
+
+
+async def test_a_cancelled_waiter_does_not_cancel_its_tick() -> None:
+    ticker = _Ticker(0.002)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 0.01
+    leaving = asyncio.ensure_future(ticker.wake_at(loop, deadline))
+    staying = asyncio.ensure_future(ticker.wake_at(loop, deadline))
+    await asyncio.sleep(0)
+    leaving.cancel()
+
+    await asyncio.wait_for(staying, 2)
+    assert loop.time() >= deadline
+    assert leaving.cancelled()
+
+
+async def test_a_stream_cancelled_mid_way_leaves_its_neighbours_on_pace() -> None:
+    # Streams started together wait on the same ticks; one leaving must not disturb the rest.
+    config = SimulatorConfig(ttft_ms=0, tokens_per_s=200, output_tokens=40)
+    async with (
+        run_simulator(config) as url,
+        anthropic.AsyncAnthropic(base_url=url, api_key="test", max_retries=0) as c,
+    ):
+
+        async def leave_early() -> int:
+            async with c.messages.stream(
+                model=MODEL, max_tokens=100, messages=user(prompt("leaving"))
+            ) as stream:
+                seen = 0
+                async for _ in stream.text_stream:
+                    seen += 1
+                    if seen == 3:
+                        break
+                return seen
+
+        leaving = asyncio.create_task(leave_early())
+        staying = await asyncio.gather(
+            *(stream_final(c, messages=user(prompt(f"staying {i}"))) for i in range(5))
+        )
+        assert await leaving == 3
+
+    for texts, final in staying:
+        assert len("".join(texts).split()) == 40
+        assert final.stop_reason == "end_turn"
 
 
 # --- standalone ---------------------------------------------------------------------------------
