@@ -22,7 +22,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol, cast
 
 import anthropic
 import httpx2
@@ -152,6 +152,35 @@ class MessageAccumulator:
         return content[index] if isinstance(index, int) and 0 <= index < len(content) else None
 
 
+class _Socket(Protocol):
+    """What pausing a read needs of a transport (uvloop's are not registered as asyncio's)."""
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def is_closing(self) -> bool: ...
+
+
+def _socket_of(response: Any) -> Callable[[], _Socket | None]:
+    """The socket under the SDK's streaming response, looked up when asked (aiohttp hands the
+    connection back when the body ends): the transport of the aiohttp response inside the SDK's
+    aiohttp client, or always None when the response travels some other way. This reaches
+    through two private attributes of the SDK's vendored transport; tests/llm/test_stream.py
+    checks against the installed SDK that it still finds the socket."""
+    try:
+        aiohttp_response = response.http_response.stream._stream._aiohttp_response
+    except AttributeError:
+        return lambda: None
+
+    def transport() -> _Socket | None:
+        connection = aiohttp_response.connection
+        found = connection.transport if connection is not None else None
+        if found is None or not hasattr(found, "pause_reading") or found.is_closing():
+            return None
+        return cast(_Socket, found)
+
+    return transport
+
+
 class MessageStream:
     """Iterates the decoded events of an open streaming response."""
 
@@ -168,13 +197,15 @@ class MessageStream:
         """The stream's events, in order. With `pause`, a read that had to wait for data is
         followed by `pause()`: when that gives an awaitable, reading goes on once it is done,
         and every read after it is followed by `pause()` again, for as long as it gives one.
-        The events arriving meanwhile are buffered and then taken in one read, instead of each
-        costing the event loop a wake-up and the HTTP client's whole read path."""
+        Meanwhile the socket is not read at all: what upstream sends waits in the kernel and
+        is then taken in one read, instead of each event costing the event loop a wake-up, a
+        system call and the HTTP client's whole receive and read path."""
         loop = asyncio.get_running_loop()
         frames = SSEFrames()
         chunks = self._response.iter_bytes().__aiter__()
         watchdog = _ReadWatchdog(read_timeout)
         pausing = False
+        socket = _socket_of(self._response)
         try:
             while True:
                 started = loop.time()
@@ -201,7 +232,14 @@ class MessageStream:
                     until = pause()
                     pausing = until is not None
                     if until is not None:
-                        await until
+                        transport = socket()
+                        if transport is not None:
+                            transport.pause_reading()
+                        try:
+                            await until
+                        finally:
+                            if transport is not None and not transport.is_closing():
+                                transport.resume_reading()
         finally:
             watchdog.close()
 

@@ -57,9 +57,10 @@ class Flusher:
     cost nothing: the timer is armed only while one is registered.
 
     A generation can sleep until its writer's next timed write (`until_next_write`) instead of
-    reading upstream event by event: the tick wakes it first and writes a loop turn later, so
-    what upstream sent meanwhile, read in one go, goes out in that same write, and the
-    generation wakes and reads once per write."""
+    reading upstream event by event: the tick wakes it, it reads what upstream sent meanwhile
+    in one go and writes that itself, and sleeps again; it wakes and reads once per interval.
+    The tick still writes whatever such a writer has pending, a loop turn after waking it (a
+    generation that read its data without waiting has written it by then)."""
 
     def __init__(self, interval: Callable[[], float]) -> None:
         self._interval = interval
@@ -112,8 +113,7 @@ class Flusher:
             sleeper = self._sleeping.pop(writer, None)
             if sleeper is not None and not sleeper.done():
                 # The woken generation's step is queued now and runs before the write queued
-                # below (the loop runs callbacks in order): it reads what is buffered without
-                # waiting, so that joins this write.
+                # below (the loop runs callbacks in order).
                 sleeper.set_result(None)
         if due:
             loop.call_soon(self._write, due)

@@ -514,14 +514,15 @@ class _Runner:
                 )
 
     def _read_pause(self) -> asyncio.Future[None] | None:
-        """Between reads of upstream: sleep until this message's next timed write. The Flusher
-        wakes the generation just before it writes, what upstream sent meanwhile is read in one
-        go and joins that write, and the generation sleeps again: one wake-up and one read per
-        write instead of one per upstream event, and each delta waits at most the coalescing
-        interval in all. No sleeping until the first words are out (time to first token): a
-        delta arriving meanwhile would wait with it."""
+        """Between reads of upstream: write what this read brought, then sleep until this
+        message's next timed write (the Flusher wakes the generation instead of writing for
+        it). Meanwhile upstream's events wait in the socket and are then read in one go: one
+        wake-up, one read and one write per coalescing interval instead of work per upstream
+        event, and each delta waits at most about the interval in all. No sleeping until the
+        first words are out (time to first token): a delta arriving meanwhile would wait."""
         if not self.text_seen or self.writer is None:
             return None
+        self.writer.flush_from_timer()
         return self.writer.until_next_write()
 
     def _first_token(self) -> bool:

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from streams_service.llm.simulator import SimulatorConfig, run_simulator
 from streams_service.llm.stream import (
     MessageAccumulator,
     MessageStream,
@@ -24,7 +25,9 @@ from streams_service.llm.stream import (
     UpstreamStalled,
     _frame,
     _frame_lines,
+    _socket_of,
     merge_deltas,
+    stream_message,
 )
 
 
@@ -383,6 +386,44 @@ async def test_a_pause_follows_a_read_that_waited_and_then_every_read_while_it_l
     # a pause; so read 5 is followed by the question too, whose answer ends the pausing.
     assert after_reads == [1, 4, 5]
     assert [a is not None for a in answers] == [False, True, False]
+
+
+async def test_while_paused_the_socket_is_not_read_and_nothing_is_lost() -> None:
+    """Through the real SDK and its aiohttp client, as the service streams: each pause stops
+    reading the socket (upstream's events wait in the kernel), reading resumes after it, and
+    the text is whole."""
+    config = SimulatorConfig(ttft_ms=1, tokens_per_s=400, output_tokens=60)
+    async with run_simulator(config) as url:
+        client = anthropic.AsyncAnthropic(
+            api_key="sk-test", base_url=url, http_client=anthropic.DefaultAioHttpClient()
+        )
+        params: dict[str, Any] = {
+            "model": "claude-sonnet-5-5",
+            "max_tokens": 1024,
+            "messages": [{"role": "user", "content": "paced reading [[tokens:60]]"}],
+        }
+        try:
+            whole = await client.messages.create(**params)
+            async with stream_message(client, params) as stream:
+                socket = _socket_of(stream._response)
+                assert socket() is not None  # the installed SDK still streams over aiohttp
+                reading: list[bool | None] = []
+
+                async def nap() -> None:
+                    await asyncio.sleep(0.02)  # several events' worth at 400 tokens/s
+                    transport = socket()
+                    reading.append(transport.is_reading() if transport else None)  # type: ignore[attr-defined]
+
+                text = ""
+                async for event in stream.events(lambda: asyncio.ensure_future(nap())):
+                    if event["type"] == "content_block_delta":
+                        text += event["delta"]["text"]
+        finally:
+            await client.close()
+    assert len(reading) >= 3
+    # Paused in every nap; None once the body has ended and aiohttp has the connection back.
+    assert False in reading and set(reading) <= {False, None}
+    assert text == whole.content[0].text  # type: ignore[union-attr]
 
 
 class _OneRead(_FakeResponse):
