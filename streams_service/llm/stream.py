@@ -181,6 +181,27 @@ def _socket_of(response: Any) -> Callable[[], _Socket | None]:
     return transport
 
 
+class _PausedSocket:
+    """Stops reading a socket, and starts again once, however often `resume` is called."""
+
+    __slots__ = ("_paused", "_socket")
+
+    def __init__(self, socket: _Socket | None) -> None:
+        self._socket = socket
+        self._paused = False
+
+    def pause(self) -> None:
+        if self._socket is not None:
+            self._socket.pause_reading()
+            self._paused = True
+
+    def resume(self) -> None:
+        if self._paused and self._socket is not None:
+            self._paused = False
+            if not self._socket.is_closing():
+                self._socket.resume_reading()
+
+
 class MessageStream:
     """Iterates the decoded events of an open streaming response."""
 
@@ -191,7 +212,7 @@ class MessageStream:
 
     async def events(
         self,
-        pause: Callable[[], Awaitable[object] | None] | None = None,
+        pause: Callable[[Callable[[], None]], Awaitable[object] | None] | None = None,
         read_timeout: float | None = None,
     ) -> AsyncIterator[Event]:
         """The stream's events, in order. With `pause`, a read that had to wait for data is
@@ -199,7 +220,10 @@ class MessageStream:
         and every read after it is followed by `pause()` again, for as long as it gives one.
         Meanwhile the socket is not read at all: what upstream sends waits in the kernel and
         is then taken in one read, instead of each event costing the event loop a wake-up, a
-        system call and the HTTP client's whole receive and read path."""
+        system call and the HTTP client's whole receive and read path. `pause` is given the
+        function that starts reading the socket again, for the awaitable's owner to call a
+        moment before it is done: what waited is then read by the time the pause ends, and
+        the next read returns it at once."""
         loop = asyncio.get_running_loop()
         frames = SSEFrames()
         chunks = self._response.iter_bytes().__aiter__()
@@ -229,17 +253,15 @@ class MessageStream:
                 if error is not None:
                     raise error
                 if pause is not None and (waited or pausing):
-                    until = pause()
+                    paused = _PausedSocket(socket())
+                    until = pause(paused.resume)
                     pausing = until is not None
                     if until is not None:
-                        transport = socket()
-                        if transport is not None:
-                            transport.pause_reading()
+                        paused.pause()
                         try:
                             await until
                         finally:
-                            if transport is not None and not transport.is_closing():
-                                transport.resume_reading()
+                            paused.resume()
         finally:
             watchdog.close()
 

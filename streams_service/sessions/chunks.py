@@ -44,6 +44,10 @@ _MERGEABLE = {
 # to the deadline but wake the loop more often; fewer spread the writes over fewer, larger
 # bursts.
 TICKS_PER_INTERVAL = 2
+# From a sleeping generation's tick, where its socket starts being read again, to waking it: the
+# loop's next look at its sockets receives what waited in the kernel, so the woken generation
+# finds it already read instead of waiting for it (a second wake-up, through its whole read path).
+SETTLE_S = 0.001
 
 
 class Flusher:
@@ -68,7 +72,10 @@ class Flusher:
         # generation sleeping on it wants to read. An ordered dict: writes go out in arrival
         # order.
         self._due: dict[ChunkWriter, float] = {}
-        self._sleeping: dict[ChunkWriter, asyncio.Future[None]] = {}
+        # Writer -> the generation sleeping on it: its future, and what to call at its tick.
+        self._sleeping: dict[
+            ChunkWriter, tuple[asyncio.Future[None], Callable[[], None] | None]
+        ] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._tick_s = 0.0
 
@@ -85,7 +92,7 @@ class Flusher:
     def unregister(self, writer: ChunkWriter) -> None:
         """`writer` has nothing pending any more. A generation sleeping on it keeps its tick."""
         sleeper = self._sleeping.get(writer)
-        if sleeper is not None and not sleeper.done():
+        if sleeper is not None and not sleeper[0].done():
             return
         self._sleeping.pop(writer, None)
         self._due.pop(writer, None)
@@ -93,33 +100,51 @@ class Flusher:
             self._timer.cancel()
             self._timer = None
 
-    def until_next_write(self, writer: ChunkWriter) -> asyncio.Future[None]:
+    def until_next_write(
+        self, writer: ChunkWriter, before: Callable[[], None] | None = None
+    ) -> asyncio.Future[None]:
         """Done just before `writer`'s next timed write: when its pending batch is due, or one
-        interval from now when nothing is pending."""
+        interval from now when nothing is pending. `before` is called at that tick, and the
+        future is done SETTLE_S later: time for whatever `before` starts (a socket read) to
+        land first."""
         self.register(writer)
         sleeper = self._sleeping.get(writer)
-        if sleeper is None or sleeper.done():
-            sleeper = asyncio.get_running_loop().create_future()
+        if sleeper is None or sleeper[0].done():
+            sleeper = (asyncio.get_running_loop().create_future(), before)
             self._sleeping[writer] = sleeper
-        return sleeper
+        return sleeper[0]
 
     def _tick(self) -> None:
         self._timer = None
         loop = asyncio.get_running_loop()
         horizon = loop.time() + self._tick_s
         due = [writer for writer, at in self._due.items() if at <= horizon]
+        waking: list[asyncio.Future[None]] = []
+        settle = False
         for writer in due:
             del self._due[writer]
             sleeper = self._sleeping.pop(writer, None)
-            if sleeper is not None and not sleeper.done():
-                # The woken generation's step is queued now and runs before the write queued
-                # below (the loop runs callbacks in order).
-                sleeper.set_result(None)
+            if sleeper is not None and not sleeper[0].done():
+                waking.append(sleeper[0])
+                if sleeper[1] is not None:
+                    sleeper[1]()
+                    settle = True
         if due:
-            loop.call_soon(self._write, due)
+            if settle:
+                loop.call_later(SETTLE_S, self._wake, waking, due)
+            else:
+                self._wake(waking, due)
         if self._due:
             self._tick_s = self._interval() / TICKS_PER_INTERVAL
             self._timer = loop.call_later(self._tick_s, self._tick)
+
+    def _wake(self, waking: list[asyncio.Future[None]], due: list[ChunkWriter]) -> None:
+        for sleeper in waking:
+            if not sleeper.done():
+                # The woken generation's step is queued now and runs before the write queued
+                # below (the loop runs callbacks in order).
+                sleeper.set_result(None)
+        asyncio.get_running_loop().call_soon(self._write, due)
 
     @staticmethod
     def _write(due: list[ChunkWriter]) -> None:
@@ -233,9 +258,9 @@ class ChunkWriter:
                 await self._append(self._inflight)
                 self._inflight = None
 
-    def until_next_write(self) -> asyncio.Future[None]:
+    def until_next_write(self, before: Callable[[], None] | None = None) -> asyncio.Future[None]:
         """See Flusher.until_next_write: done just before this writer's next timed write."""
-        return self._flusher.until_next_write(self)
+        return self._flusher.until_next_write(self, before)
 
     def flush_from_timer(self) -> None:
         """The Flusher's tick: hand the pending batch to the store now, from the callback. When

@@ -513,7 +513,7 @@ class _Runner:
                     )
                 )
 
-    def _read_pause(self) -> asyncio.Future[None] | None:
+    def _read_pause(self, resume: Callable[[], None]) -> asyncio.Future[None] | None:
         """Between reads of upstream: write what this read brought, then sleep until this
         message's next timed write (the Flusher wakes the generation instead of writing for
         it). Meanwhile upstream's events wait in the socket and are then read in one go: one
@@ -523,7 +523,7 @@ class _Runner:
         if not self.text_seen or self.writer is None:
             return None
         self.writer.flush_from_timer()
-        return self.writer.until_next_write()
+        return self.writer.until_next_write(resume)
 
     def _first_token(self) -> bool:
         if self.ttft_ms is None:

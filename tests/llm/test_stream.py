@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
@@ -368,7 +369,7 @@ async def test_a_pause_follows_a_read_that_waited_and_then_every_read_while_it_l
     answers: list[asyncio.Future[None] | None] = []
     after_reads: list[int] = []
 
-    def pause() -> asyncio.Future[None] | None:
+    def pause(_resume: Callable[[], None]) -> asyncio.Future[None] | None:
         after_reads.append(response.reads)
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)
@@ -407,22 +408,28 @@ async def test_while_paused_the_socket_is_not_read_and_nothing_is_lost() -> None
             async with stream_message(client, params) as stream:
                 socket = _socket_of(stream._response)
                 assert socket() is not None  # the installed SDK still streams over aiohttp
-                reading: list[bool | None] = []
+                # (reading while asleep, reading once resumed), per pause
+                reading: list[tuple[bool, bool]] = []
 
-                async def nap() -> None:
+                async def nap(resume: Callable[[], None]) -> None:
                     await asyncio.sleep(0.02)  # several events' worth at 400 tokens/s
-                    transport = socket()
-                    reading.append(transport.is_reading() if transport else None)  # type: ignore[attr-defined]
+                    transport: Any = socket()
+                    if transport is None:
+                        return  # the body has ended: aiohttp has the connection back
+                    asleep = transport.is_reading()
+                    resume()  # as the Flusher does a moment before waking the generation
+                    resume()  # (once is what counts)
+                    reading.append((asleep, transport.is_reading()))
+                    await asyncio.sleep(0.002)
 
                 text = ""
-                async for event in stream.events(lambda: asyncio.ensure_future(nap())):
+                async for event in stream.events(lambda resume: asyncio.ensure_future(nap(resume))):
                     if event["type"] == "content_block_delta":
                         text += event["delta"]["text"]
         finally:
             await client.close()
     assert len(reading) >= 3
-    # Paused in every nap; None once the body has ended and aiohttp has the connection back.
-    assert False in reading and set(reading) <= {False, None}
+    assert set(reading) == {(False, True)}
     assert text == whole.content[0].text  # type: ignore[union-attr]
 
 

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from streams_service.app import Services
 from streams_service.durable.model import AppendRequest, CreateRequest
 from streams_service.errors import AppError
-from streams_service.sessions import records
+from streams_service.sessions import chunks, records
 from streams_service.sessions.chunks import ChunkWriter, Flusher
 from streams_service.sessions.generation import flush_interval_s
 
@@ -253,19 +253,32 @@ async def test_a_generation_woken_by_its_tick_joins_the_write_it_precedes(
         assert writer.appends == 1
         assert flusher.ticks == [1]
 
+        # `before` runs at the tick (a socket starts being read again); the sleeper wakes a
+        # settling moment later, and the write follows it.
+        await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m", delta="x"))
+        called: list[float] = []
+        until = writer.until_next_write(lambda: called.append(loop.time()))
+        await asyncio.wait_for(until, timeout=5)
+        woke = loop.time()
+        assert len(called) == 1 and woke - called[0] >= chunks.SETTLE_S * 0.9
+        assert writer.appends == 1  # woken before the write
+        await asyncio.sleep(0.01)
+        assert writer.appends == 2
+        assert flusher.ticks == [1, 1]
+
         # With nothing pending, the sleep lasts one interval (at most), and the tick writes
         # nothing. A batch written some other way meanwhile does not cut it short.
         started = loop.time()
         until = writer.until_next_write()
         await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m", delta="c"))
         await writer.flush()
-        assert writer.appends == 2 and not until.done()
+        assert writer.appends == 3 and not until.done()
         await asyncio.wait_for(until, timeout=5)
         assert 0.02 <= loop.time() - started <= 0.5
         await asyncio.sleep(0.02)  # the tick's write (of nothing) has run
-        assert writer.appends == 2
-        assert len(flusher.ticks) == 2
-    assert [e[0].get("delta") for e in await _events(client, paths[0])] == ["ab", "c"]
+        assert writer.appends == 3
+        assert len(flusher.ticks) == 3
+    assert [e[0].get("delta") for e in await _events(client, paths[0])] == ["ab", "x", "c"]
 
 
 async def test_a_timer_write_that_fails_is_retried_by_the_next_flush_which_reports_it(
