@@ -230,16 +230,33 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-def freeze_startup_heap() -> None:
-    """Move everything alive after start-up out of the garbage collector's sight (gc.freeze).
+# Allocations between young-generation collections (CPython's default is 700). See
+# freeze_startup_heap.
+GC_YOUNG_THRESHOLD = 20_000
 
-    Those objects (modules, SQLAlchemy's metadata and statement caches, the SDK's types, the
-    catalog) live as long as the process, yet every full collection walked them all: at 100
-    generations that was a 200-250 ms stop of the event loop every few seconds, the whole
-    token-delivery tail's worst. Frozen, a full collection walks only what came later (~20 ms).
-    Collected first, so no garbage is frozen with them."""
+
+def freeze_startup_heap() -> None:
+    """Move everything alive after start-up out of the garbage collector's sight (gc.freeze),
+    and collect the young generation less often.
+
+    The start-up objects (modules, SQLAlchemy's metadata and statement caches, the SDK's
+    types, the catalog) live as long as the process, yet every full collection walked them all:
+    at 100 generations that was a 200-250 ms stop of the event loop every few seconds, the whole
+    token-delivery tail's worst. Frozen, a full collection walks only what came later. Collected
+    first, so no garbage is frozen with them.
+
+    At CPython's default the young generation is collected every 700 allocations, hundreds of
+    times a second under load, so the objects of one coalescing interval (a write's futures,
+    batches and records, living ~150 ms) outlived two collections and reached the old
+    generation, which then filled with garbage and was collected in full every ~5 s: 100-165
+    ms stops of the loop and the stream writer alike at 450 generations, for almost nothing
+    collected. Every GC_YOUNG_THRESHOLD allocations, such objects die young instead; with it
+    the delivery lag p99 at 450 generations went from 287/309 ms to 213/206 ms, for the same
+    CPU."""
     gc.collect()
     gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def create_app(settings: Settings, *, handle_signals: bool = False) -> FastAPI:

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import create_engine, inspect
 
 from db.engine import normalize_database_url, sync_url
-from streams_service.app import create_app
+from streams_service.app import GC_YOUNG_THRESHOLD, create_app
 from streams_service.config import Settings
 from tests.support import REPO_ROOT, chatops_bin, free_port, migrate, postgres_database, terminate
 
@@ -118,26 +118,32 @@ def test_every_setting_is_documented_in_the_readme() -> None:
 
 
 async def test_a_served_app_freezes_its_startup_heap(tmp_path: Path) -> None:
-    """`chatops serve` (handle_signals) hides its start-up objects from the cyclic collector:
+    """`chatops serve` (handle_signals) hides its start-up objects from the cyclic collector
+    and collects its young generation less often (see freeze_startup_heap):
     full collections stopped the loop for 200+ ms at 100 generations otherwise. An app that
     does not own its process (tests, embedding) leaves the collector alone."""
     import gc
 
     gc.unfreeze()
+    thresholds = gc.get_threshold()
     settings = Settings(database_url=f"sqlite:///{tmp_path}/gc.db")
     try:
         plain = create_app(settings)
         async with plain.router.lifespan_context(plain):
             assert gc.get_freeze_count() == 0
+            assert gc.get_threshold() == thresholds
         served = create_app(settings, handle_signals=True)
         async with served.router.lifespan_context(served):
             frozen = gc.get_freeze_count()
             assert frozen > 10_000  # the modules, engines and caches of a started service
+            # The young generation is collected less often; the older ones as before.
+            assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *thresholds[1:])
             transport = httpx.ASGITransport(app=served)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
                 assert (await client.get("/health")).status_code == 200
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 def test_serve_from_a_fresh_directory_creates_its_sqlite_folder(tmp_path: Path) -> None:
