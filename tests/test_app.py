@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -11,7 +12,7 @@ import pytest
 from sqlalchemy import create_engine, inspect
 
 from db.engine import normalize_database_url, sync_url
-from streams_service.app import GC_YOUNG_THRESHOLD, create_app
+from streams_service.app import GC_YOUNG_THRESHOLD, GIL_SWITCH_INTERVAL_S, create_app
 from streams_service.config import Settings
 from tests.support import REPO_ROOT, chatops_bin, free_port, migrate, postgres_database, terminate
 
@@ -126,24 +127,28 @@ async def test_a_served_app_freezes_its_startup_heap(tmp_path: Path) -> None:
 
     gc.unfreeze()
     thresholds = gc.get_threshold()
+    switch = sys.getswitchinterval()
     settings = Settings(database_url=f"sqlite:///{tmp_path}/gc.db")
     try:
         plain = create_app(settings)
         async with plain.router.lifespan_context(plain):
             assert gc.get_freeze_count() == 0
             assert gc.get_threshold() == thresholds
+            assert sys.getswitchinterval() == switch
         served = create_app(settings, handle_signals=True)
         async with served.router.lifespan_context(served):
             frozen = gc.get_freeze_count()
             assert frozen > 10_000  # the modules, engines and caches of a started service
             # The young generation is collected less often; the older ones as before.
             assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *thresholds[1:])
+            assert sys.getswitchinterval() == GIL_SWITCH_INTERVAL_S
             transport = httpx.ASGITransport(app=served)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
                 assert (await client.get("/health")).status_code == 200
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+        sys.setswitchinterval(switch)
 
 
 def test_serve_from_a_fresh_directory_creates_its_sqlite_folder(tmp_path: Path) -> None:
