@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                     - counts0.get(_WRITER_METRICS[1], 0),
                     "rss_peak_mb": step["rss_peak_mb"],
                     "errors": step["errors"],
+                    "error_kinds": step["error_kinds"],
                 }
                 print(json.dumps(result), flush=True)
 
