@@ -66,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + 5,
         proxy_headers=False,
         server_header=False,
+        timeout_keep_alive=settings.http_keep_alive_s,
     )
     return 0
 

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     stream_flush_max_interval_ms: int = Field(default=150, ge=1)
     # On shutdown, running generations get this long to finish; the rest end as interrupted.
     drain_timeout_s: float = Field(default=25.0, ge=0)
+    # How long an idle keep-alive connection stays open. Longer than clients keep theirs
+    # (httpx: 5 s, uvicorn's own default): a client must give up on a connection before the
+    # server does, or a request sent as the server closes it fails with a read error.
+    http_keep_alive_s: int = Field(default=75, ge=1)
     # Sessions untouched for this many seconds end by themselves, as POST /end ends them
     # (stream closed, read-only, continue by fork), so abandoned chats do not stay open
     # forever; one replica ends each. 0 disables it.

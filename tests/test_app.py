@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -151,20 +157,18 @@ async def test_a_served_app_freezes_its_startup_heap(tmp_path: Path) -> None:
         sys.setswitchinterval(switch)
 
 
-def test_serve_from_a_fresh_directory_creates_its_sqlite_folder(tmp_path: Path) -> None:
-    """The embedded default (`./.data/chatops.db`) works wherever `chatops serve` starts: the
-    start-up migration creates the folder instead of failing with "unable to open database
-    file"."""
-    import time
-    import urllib.request
-
+@contextlib.contextmanager
+def _served(tmp_path: Path, **env: str) -> Iterator[int]:
+    """`chatops serve` on the embedded default from `tmp_path`, ready; yields its port."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ANTHROPIC_API_KEY")}
+    environ = {
+        k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ANTHROPIC_API_KEY")
+    }
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
         [str(chatops_bin()), "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=tmp_path,
-        env=env,
+        env=environ | env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -180,7 +184,37 @@ def test_serve_from_a_fresh_directory_creates_its_sqlite_folder(tmp_path: Path) 
             except OSError:
                 assert time.monotonic() < deadline, "not ready within 60 s"
                 time.sleep(0.2)
+        yield port
     finally:
         terminate(proc)
         log.close()
+
+
+def test_serve_from_a_fresh_directory_creates_its_sqlite_folder(tmp_path: Path) -> None:
+    """The embedded default (`./.data/chatops.db`) works wherever `chatops serve` starts: the
+    start-up migration creates the folder instead of failing with "unable to open database
+    file"."""
+    with _served(tmp_path):
+        pass
     assert (tmp_path / ".data" / "chatops.db").is_file()
+
+
+def test_serve_keeps_idle_connections_open_for_http_keep_alive_s(tmp_path: Path) -> None:
+    """An idle keep-alive connection outlives the client's own idle limit (httpx: 5 s) by
+    default, and closes after HTTP_KEEP_ALIVE_S: here 2 s, to see both sides of it quickly."""
+    assert Settings().http_keep_alive_s > 5
+    with _served(tmp_path, HTTP_KEEP_ALIVE_S="2") as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            sockets = set()
+            for pause in (0.0, 1.0):  # idle, but within the keep-alive: the same connection
+                time.sleep(pause)
+                conn.request("GET", "/health")
+                response = conn.getresponse()
+                assert response.status == 200 and response.read() == b'{"status":"ok"}'
+                sockets.add(id(conn.sock))
+            assert len(sockets) == 1 and conn.sock is not None
+            time.sleep(3.0)  # idle past it: the server has closed its end
+            assert conn.sock.recv(1, socket.MSG_PEEK) == b""
+        finally:
+            conn.close()
