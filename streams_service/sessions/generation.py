@@ -24,6 +24,7 @@ import structlog
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from db import pg_direct
 from db.models import ChatSession, Generation
 from streams_service.config import Settings
 from streams_service.durable.store import StreamStore
@@ -778,44 +779,49 @@ class _Runner:
                             model=spec.model.id,
                         )
                     )
-                await repo.insert_message(
-                    db,
-                    session_id=spec.session_id,
-                    id=spec.message_id,
-                    role="assistant",
-                    content=text,
-                    parts=parts,
-                    status=message_status,
-                    generation_id=spec.generation_id,
-                    stream_offset=stream_offset,
-                    created_at=now,
-                )
-                if spec.user_message_id is not None and spec.user_offset is not None:
-                    await repo.set_message_offset(
-                        db, spec.session_id, spec.user_message_id, spec.user_offset
+                pg = await pg_direct.direct(db)
+                # All four in one round trip on Postgres (then the commit).
+                async with pg_direct.pipeline(pg):
+                    await repo.insert_message(
+                        db,
+                        pg,
+                        session_id=spec.session_id,
+                        id=spec.message_id,
+                        role="assistant",
+                        content=text,
+                        parts=parts,
+                        status=message_status,
+                        generation_id=spec.generation_id,
+                        stream_offset=stream_offset,
+                        created_at=now,
                     )
-                await repo.update_generation(
-                    db,
-                    spec.generation_id,
-                    status=status,
-                    finish_reason=finish,
-                    error_code=code,
-                    error_message=message,
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    cache_read_tokens=usage.cache_read_tokens,
-                    cache_write_5m_tokens=usage.cache_write_5m_tokens,
-                    cache_write_1h_tokens=usage.cache_write_1h_tokens,
-                    cost_usd=cost,
-                    upstream_calls=len(self.usage_calls),
-                    ttft_ms=self.ttft_ms,
-                    duration_ms=int((time.monotonic() - self.started) * 1000),
-                    ratelimit=self.ratelimit,
-                    finished_at=now,
-                )
-                await repo.settle_session(
-                    db, spec.session_id, cost=cost, reserved=spec.reserved_usd, now=now
-                )
+                    if spec.user_message_id is not None and spec.user_offset is not None:
+                        await repo.set_message_offset(
+                            db, spec.session_id, spec.user_message_id, spec.user_offset, pg
+                        )
+                    await repo.update_generation(
+                        db,
+                        spec.generation_id,
+                        pg,
+                        status=status,
+                        finish_reason=finish,
+                        error_code=code,
+                        error_message=message,
+                        input_tokens=usage.input_tokens,
+                        output_tokens=usage.output_tokens,
+                        cache_read_tokens=usage.cache_read_tokens,
+                        cache_write_5m_tokens=usage.cache_write_5m_tokens,
+                        cache_write_1h_tokens=usage.cache_write_1h_tokens,
+                        cost_usd=cost,
+                        upstream_calls=len(self.usage_calls),
+                        ttft_ms=self.ttft_ms,
+                        duration_ms=int((time.monotonic() - self.started) * 1000),
+                        ratelimit=self.ratelimit,
+                        finished_at=now,
+                    )
+                    await repo.settle_session(
+                        db, spec.session_id, cost=cost, reserved=spec.reserved_usd, now=now, pg=pg
+                    )
         except DATABASE_UNAVAILABLE as exc:
             # One transaction: it landed whole or not at all. Retried while the database comes
             # back (a restart, a failover), after checking that a COMMIT whose answer was lost

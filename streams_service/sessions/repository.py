@@ -3,21 +3,25 @@
 The statements of a send and of a generation's finish run on every message, so they are Core
 statements on the tables (`_SESSIONS`, `_MESSAGES`, `_GENERATIONS`) rather than ORM ones: the
 ORM's identity map, unit of work and bulk-update bookkeeping cost about a millisecond of CPU per
-statement, several times the statement's own round trip to a local Postgres. The rest (admin,
+statement, several times the statement's own round trip to a local Postgres. On Postgres they
+go further: given the transaction's driver connection (`pg`, from db/pg_direct.py), they run on
+it directly, and statements that do not wait on each other share a round trip. The rest (admin,
 history, fork) keeps the ORM's convenience.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, cast
 
 from sqlalchemy import Row, Table, bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from db import pg_direct
 from db.models import ChatMessage, ChatSession, Generation
+from db.pg_direct import Direct
 
 _SESSIONS = cast(Table, ChatSession.__table__)
 _MESSAGES = cast(Table, ChatMessage.__table__)
@@ -97,14 +101,44 @@ _SETTLE_SESSION = (
 )
 
 
-async def send_row(
-    db: AsyncSession, session_id: str, client_message_id: str | None
-) -> Row[Any] | None:
-    """The session's columns as a plain row (attributes named like ChatSession's), locked until
-    the transaction ends, plus `earlier_message_id`: the message already sent with this
-    client_message_id, if any."""
+_SESSION_TIMES = ("created_at", "updated_at", "ended_at", "deleted_at")
+
+
+async def _run(
+    db: AsyncSession,
+    pg: Direct | None,
+    stmt: Any,
+    values: dict[str, Any],
+    keys: Sequence[str] | None = None,
+) -> int:
+    """Execute a Core statement, on the driver connection when there is one; its row count
+    (-1 when unknown: inside a pipeline)."""
+    if pg is not None:
+        return await pg.execute(pg_direct.statement(stmt, keys), values)
+    result = await db.execute(stmt, values)
+    return int(getattr(result, "rowcount", -1))
+
+
+async def send_row_and_history(
+    db: AsyncSession, session_id: str, client_message_id: str | None, pg: Direct | None = None
+) -> tuple[Any | None, Sequence[Any]]:
+    """A send's reads, in one round trip on Postgres. First the session's columns as a plain
+    row (attributes named like ChatSession's, times in UTC), locked until the transaction ends,
+    plus `earlier_message_id`: the message already sent with this client_message_id, if any.
+    Then what building the conversation needs of each of its messages, in order."""
     params = {"b_sid": session_id, "b_cid": client_message_id}
-    return (await db.execute(_SEND_ROW, params)).first()
+    if pg is None:
+        row = (await db.execute(_SEND_ROW, params)).first()
+        return row, (await db.execute(_HISTORY, params)).all()
+    rows, history = await pg.fetch(
+        [(pg_direct.statement(_SEND_ROW), params), (pg_direct.statement(_HISTORY), params)]
+    )
+    if not rows:
+        return None, history
+    # As UTCDateTime reads them through SQLAlchemy: the driver gives the server's time zone.
+    row = rows[0]
+    times = {k: getattr(row, k).astimezone(UTC) for k in _SESSION_TIMES if getattr(row, k)}
+    return row._replace(**times), history
 
 
 async def history_rows(db: AsyncSession, session_id: str) -> Sequence[Row[Any, Any, Any, Any, Any]]:
@@ -112,28 +146,30 @@ async def history_rows(db: AsyncSession, session_id: str) -> Sequence[Row[Any, A
     return (await db.execute(_HISTORY, {"b_sid": session_id})).all()
 
 
-async def insert_message(db: AsyncSession, **values: Any) -> None:
+async def insert_message(db: AsyncSession, pg: Direct | None = None, **values: Any) -> None:
     """Insert a chat message; without an `ordinal`, the session's next one."""
     if "ordinal" in values:
-        await db.execute(_INSERT_MESSAGE, values)
+        await _run(db, pg, _INSERT_MESSAGE, values, sorted(values))
     else:
-        await db.execute(_INSERT_NEXT_MESSAGE, {**values, "b_sid": values["session_id"]})
+        params = {**values, "b_sid": values["session_id"]}
+        await _run(db, pg, _INSERT_NEXT_MESSAGE, params, sorted(values))
 
 
-async def insert_generation(db: AsyncSession, **values: Any) -> None:
-    await db.execute(_INSERT_GENERATION, values)
+async def insert_generation(db: AsyncSession, pg: Direct | None = None, **values: Any) -> None:
+    await _run(db, pg, _INSERT_GENERATION, values, sorted(values))
 
 
-async def update_generation(db: AsyncSession, generation_id: str, **values: Any) -> None:
-    await db.execute(_UPDATE_GENERATION, {**values, "b_id": generation_id})
+async def update_generation(
+    db: AsyncSession, generation_id: str, pg: Direct | None = None, **values: Any
+) -> None:
+    await _run(db, pg, _UPDATE_GENERATION, {**values, "b_id": generation_id}, sorted(values))
 
 
 async def set_message_offset(
-    db: AsyncSession, session_id: str, message_id: str, offset: str
+    db: AsyncSession, session_id: str, message_id: str, offset: str, pg: Direct | None = None
 ) -> None:
-    await db.execute(
-        _SET_MESSAGE_OFFSET, {"b_sid": session_id, "b_mid": message_id, "stream_offset": offset}
-    )
+    values = {"b_sid": session_id, "b_mid": message_id, "stream_offset": offset}
+    await _run(db, pg, _SET_MESSAGE_OFFSET, values, ["stream_offset"])
 
 
 async def settle_session(
@@ -144,19 +180,18 @@ async def settle_session(
     reserved: Decimal,
     now: datetime,
     messages: int = 1,
+    pg: Direct | None = None,
 ) -> None:
     """A generation ended: count its answer, charge its cost, release its reservation and
     free the session for the next one."""
-    await db.execute(
-        _SETTLE_SESSION,
-        {
-            "b_sid": session_id,
-            "b_messages": messages,
-            "b_cost": cost,
-            "b_reserved": reserved,
-            "updated_at": now,
-        },
-    )
+    values = {
+        "b_sid": session_id,
+        "b_messages": messages,
+        "b_cost": cost,
+        "b_reserved": reserved,
+        "updated_at": now,
+    }
+    await _run(db, pg, _SETTLE_SESSION, values, ["updated_at"])
 
 
 async def message_by_client_id(
@@ -168,6 +203,23 @@ async def message_by_client_id(
     return (await db.execute(stmt)).scalar_one_or_none()
 
 
+def _claim(count_message: bool) -> Any:
+    s = _SESSIONS.c
+    values: dict[str, Any] = {
+        "reserved_usd": s.reserved_usd + bindparam("b_reserve", type_=s.reserved_usd.type),
+    }
+    if count_message:
+        values["message_count"] = s.message_count + 1
+    return (
+        update(_SESSIONS)
+        .where(s.id == bindparam("b_sid"), s.active_generation_id.is_(None))
+        .values(**values)
+    )
+
+
+_CLAIM = {False: _claim(False), True: _claim(True)}
+
+
 async def claim_generation(
     db: AsyncSession,
     session_id: str,
@@ -176,24 +228,19 @@ async def claim_generation(
     now: datetime,
     *,
     count_message: bool = False,
+    pg: Direct | None = None,
 ) -> bool:
     """Atomically make `generation_id` the session's one active generation, reserving its
     estimated cost (and counting the user message it answers, when it adds one). False when
     another generation is already running."""
-    s = _SESSIONS.c
-    values: dict[str, Any] = {
+    values = {
+        "b_sid": session_id,
+        "b_reserve": reserve,
         "active_generation_id": generation_id,
-        "reserved_usd": s.reserved_usd + reserve,
         "updated_at": now,
     }
-    if count_message:
-        values["message_count"] = s.message_count + 1
-    result = await db.execute(
-        update(_SESSIONS)
-        .where(s.id == session_id, s.active_generation_id.is_(None))
-        .values(**values)
-    )
-    return bool(getattr(result, "rowcount", 0) == 1)
+    keys = ["active_generation_id", "updated_at"]
+    return await _run(db, pg, _CLAIM[count_message], values, keys) == 1
 
 
 async def release_generation(

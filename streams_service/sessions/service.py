@@ -11,10 +11,11 @@ from decimal import Decimal
 from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
-from sqlalchemy import Row, delete, update
+from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from db import pg_direct
 from db.models import ChatMessage, ChatSession, Generation
 from streams_service.access import budgets
 from streams_service.access.limits import MESSAGE_SEND, SESSION_CREATE, RateLimited, RateLimiter
@@ -211,14 +212,6 @@ class SessionService:
         row = await repo.get_session(db, sid, for_update=for_update)
         return _check_visible(row, who, need, deleted)
 
-    async def _visible_row(
-        self, db: AsyncSession, sid: str, who: Principal, client_message_id: str | None
-    ) -> Row[Any]:
-        """`_visible(..., "own", for_update=True)` as a plain row, for the send path, with the
-        `earlier_message_id` of `repo.send_row`."""
-        row = await repo.send_row(db, sid, client_message_id)
-        return _check_visible(row, who, "own", False)
-
     def session_out(self, row: ChatSession) -> dict[str, Any]:
         return {
             "id": row.id,
@@ -280,10 +273,15 @@ class SessionService:
         handle: Handle | None = None
         try:
             async with self.sessionmaker.begin() as db:
+                pg = await pg_direct.direct(db)
                 # The session row stays locked (Postgres) until this commits: a generation that
                 # is finishing saves its answer after we decide, never between our reads, so the
-                # history, ordinals and counts below are the session's latest.
-                row = await self._visible_row(db, sid, who, body.client_message_id)
+                # history, ordinals and counts below are the session's latest. The history is
+                # read with it (one round trip), whether or not this send goes ahead.
+                found, messages = await repo.send_row_and_history(
+                    db, sid, body.client_message_id, pg
+                )
+                row = _check_visible(found, who, "own", False)
                 if row.earlier_message_id is not None:
                     assert body.client_message_id is not None
                     earlier = await repo.message_by_client_id(db, sid, body.client_message_id)
@@ -298,7 +296,6 @@ class SessionService:
                 claimed = False
                 model = model or self.catalog.get(row.model) or self.catalog.default_model
                 if row.active_generation_id is None:
-                    messages = await repo.history_rows(db, sid)
                     history = build_history(messages)
                     history.append(
                         {"role": "user", "content": attachments.user_blocks(content, images)}
@@ -306,7 +303,7 @@ class SessionService:
                     remaining, reserve = await self._budget(db, row, who, model, history, now)
                     # Still conditional: SQLite takes no row lock, and a racing send must lose.
                     claimed = await repo.claim_generation(
-                        db, sid, generation_id, reserve, now, count_message=True
+                        db, sid, generation_id, reserve, now, count_message=True, pg=pg
                     )
                 if not claimed:
                     retry_after = self.generations.finishing(sid)
@@ -337,32 +334,36 @@ class SessionService:
                             user_appended=appended,
                         )
                     )
-                    await repo.insert_message(
-                        db,
-                        session_id=sid,
-                        id=message_id,
-                        ordinal=max((m.ordinal for m in messages), default=0) + 1,
-                        role="user",
-                        content=content,
-                        parts=parts,
-                        status="complete",
-                        client_message_id=body.client_message_id,
-                        generation_id=generation_id,
-                        created_at=now,
-                    )
-                    await repo.insert_generation(
-                        db,
-                        **self._running_generation(
-                            generation_id,
-                            sid,
-                            user_id,
-                            message_id,
-                            assistant_id,
-                            model,
-                            reserve,
-                            now,
-                        ),
-                    )
+                    # Both rows in one round trip on Postgres.
+                    async with pg_direct.pipeline(pg):
+                        await repo.insert_message(
+                            db,
+                            pg,
+                            session_id=sid,
+                            id=message_id,
+                            ordinal=max((m.ordinal for m in messages), default=0) + 1,
+                            role="user",
+                            content=content,
+                            parts=parts,
+                            status="complete",
+                            client_message_id=body.client_message_id,
+                            generation_id=generation_id,
+                            created_at=now,
+                        )
+                        await repo.insert_generation(
+                            db,
+                            pg,
+                            **self._running_generation(
+                                generation_id,
+                                sid,
+                                user_id,
+                                message_id,
+                                assistant_id,
+                                model,
+                                reserve,
+                                now,
+                            ),
+                        )
         except BaseException:
             await self._abandon(handle, appended)
             raise

@@ -1,0 +1,178 @@
+"""Core statements on Postgres' driver connection (db/pg_direct.py) behave as through SQLAlchemy:
+the same rows, defaults, JSON and times; errors of SQLAlchemy's kinds with parameters hidden; a
+dead connection invalidated so the pool recovers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from db import pg_direct
+from db.engine import create_engine
+from db.migrate import upgrade
+from db.models import ChatMessage, ChatSession, Generation
+from streams_service.config import Settings
+from streams_service.sessions import repository as repo
+from tests.support import PG_ADMIN_URL, postgres_database
+
+T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[AsyncEngine]:
+    with postgres_database("chatops_direct") as url:
+        database_url = Settings(database_url=url).database_url
+        upgrade(database_url)
+        engine = create_engine(database_url)
+        try:
+            yield engine
+        finally:
+            await engine.dispose()
+
+
+async def _session(engine: AsyncEngine, sid: str = "s1") -> None:
+    async with async_sessionmaker(engine).begin() as db:
+        db.add(
+            ChatSession(
+                id=sid,
+                user_id="u1",
+                title=None,
+                model="claude-sonnet-5-5",
+                message_count=0,
+                cost_usd=Decimal(0),
+                reserved_usd=Decimal(0),
+                created_at=T0,
+                updated_at=T0,
+            )
+        )
+
+
+async def test_a_send_reads_and_writes_what_the_session_path_does(engine: AsyncEngine) -> None:
+    await _session(engine)
+    maker = async_sessionmaker(engine, expire_on_commit=False)
+    parts = [{"type": "text", "content": "héllo <b>"}]
+    async with maker.begin() as db:
+        # Another time zone on this connection: the rows still come back in UTC.
+        await db.execute(sa.text("SET TIME ZONE 'Asia/Tokyo'"))
+        pg = await pg_direct.direct(db)
+        assert pg is not None
+        row, history = await repo.send_row_and_history(db, "s1", "c1", pg)
+        assert row is not None and history == []
+        assert row.earlier_message_id is None and row.active_generation_id is None
+        assert row.created_at == T0 and row.created_at.utcoffset() is not None
+        assert row.created_at.tzinfo == UTC
+        assert await repo.claim_generation(
+            db, "s1", "g1", Decimal("0.25"), T0, count_message=True, pg=pg
+        )
+        # Claimed already: a second claim in the same session loses.
+        assert not await repo.claim_generation(db, "s1", "g2", Decimal(1), T0, pg=pg)
+        async with pg_direct.pipeline(pg):
+            await repo.insert_message(
+                db,
+                pg,
+                session_id="s1",
+                id="m1",
+                ordinal=1,
+                role="user",
+                content="héllo <b>",
+                parts=parts,
+                client_message_id="c1",
+                created_at=T0,
+            )
+            # Columns left out get the model's defaults (tokens, cost, simulated), as they
+            # would through the session.
+            await repo.insert_generation(
+                db,
+                pg,
+                id="g1",
+                session_id="s1",
+                user_id="u1",
+                message_id="m2",
+                model="claude-sonnet-5-5",
+                status="running",
+                started_at=T0,
+            )
+    async with maker() as db:
+        message = await db.get(ChatMessage, ("s1", "m1"))
+        generation = await db.get(Generation, "g1")
+        session = await db.get(ChatSession, "s1")
+    assert message is not None and message.parts == parts and message.status == "complete"
+    assert message.created_at == T0
+    assert generation is not None and generation.input_tokens == 0
+    assert generation.cost_usd == Decimal(0) and generation.simulated is False
+    assert session is not None and session.active_generation_id == "g1"
+    assert session.reserved_usd == Decimal("0.25") and session.message_count == 1
+
+    async with maker.begin() as db:
+        pg = await pg_direct.direct(db)
+        row, history = await repo.send_row_and_history(db, "s1", "c1", pg)
+        assert row is not None and row.earlier_message_id == "m1"
+        assert [(m.role, m.parts, m.ordinal) for m in history] == [("user", parts, 1)]
+        missing, nothing = await repo.send_row_and_history(db, "nope", None, pg)
+        assert missing is None and nothing == []
+
+
+async def test_errors_are_sqlalchemy_errors_without_parameters(engine: AsyncEngine) -> None:
+    await _session(engine)
+    maker = async_sessionmaker(engine)
+    secret = "the user's private words"
+    values = dict(
+        session_id="s1", id="m1", ordinal=1, role="user", content=secret, parts=[], created_at=T0
+    )
+    async with maker.begin() as db:
+        pg = await pg_direct.direct(db)
+        assert pg is not None
+        await repo.insert_message(db, pg, **values)
+    with pytest.raises(sa_exc.IntegrityError) as caught:
+        async with maker.begin() as db:
+            pg = await pg_direct.direct(db)
+            async with pg_direct.pipeline(pg):
+                await repo.insert_message(db, pg, **values)  # the same primary key
+    assert isinstance(caught.value.orig, psycopg.errors.UniqueViolation)
+    assert secret not in str(caught.value)
+    # Rolled back as a whole, and the pool's connection is usable again.
+    async with maker() as db:
+        count = (await db.execute(sa.select(sa.func.count()).select_from(ChatMessage))).scalar()
+    assert count == 1
+
+
+async def test_a_dead_connection_is_invalidated_and_the_next_transaction_works(
+    engine: AsyncEngine,
+) -> None:
+    await _session(engine)
+    maker = async_sessionmaker(engine)
+    async with maker.begin() as db:
+        pg = await pg_direct.direct(db)
+        assert pg is not None
+        backend = (await (await pg.driver.execute("SELECT pg_backend_pid()")).fetchone() or [0])[0]
+    # The server ends that connection while it sits in the pool (a restart, a failover).
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+    with pytest.raises(sa_exc.OperationalError) as caught:
+        async with maker.begin() as db:
+            pg = await pg_direct.direct(db)
+            assert pg is not None
+            await repo.send_row_and_history(db, "s1", None, pg)
+    assert caught.value.connection_invalidated
+    async with maker.begin() as db:
+        pg = await pg_direct.direct(db)
+        row, _ = await repo.send_row_and_history(db, "s1", None, pg)
+    assert row is not None and row.id == "s1"
+
+
+def test_a_default_computed_at_execution_is_refused() -> None:
+    table = sa.Table(
+        "t",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("at", sa.DateTime, default=lambda: datetime.now(UTC)),
+    )
+    with pytest.raises(TypeError, match="computed at execution"):
+        pg_direct.statement(sa.insert(table), ["id"])
