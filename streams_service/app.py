@@ -220,6 +220,7 @@ async def _start_services(
     access = AccessService(settings, sessionmaker, auth)
     pools = {"read": read_engine, "app": app_engine}
     telemetry.metrics.watch(generations=generations, hub=hub, store=store, pools=pools)
+    stack.push_async_callback(_cancel, asyncio.create_task(telemetry.metrics.sample_loop_lag()))
     return Services(
         settings, read_engine, hub, store, sessions, generations, limiter, auth, access, drain
     )

@@ -7,6 +7,7 @@ writer, and live readers, running generations and pool use are read only when sc
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 TTFT_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0)
 DURATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TOKEN_KINDS = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# How often the event loop's lag is sampled: cheap (one timer), often enough that a minute of
+# scrapes holds a hundred samples.
+LOOP_LAG_SAMPLE_S = 0.5
 
 # The metrics of the app that started last in this process, for callers that are not handed
 # one (the rate limiter's rejection hook). A process serves one app outside tests.
@@ -76,6 +81,15 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "chatops_event_loop_lag_seconds",
+            "How late the event loop ran a timer, sampled every 0.5 s. Every request, "
+            "generation and live reader of the process shares this loop: sustained lag of "
+            "tens of milliseconds means the process is CPU-bound, and every await waits that "
+            "long again (time to first token, delivery).",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
         self._runtime: _RuntimeCollector | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -103,6 +117,15 @@ class Metrics:
             self._runtime = None
         if _active is self:
             _active = None
+
+    async def sample_loop_lag(self, interval_s: float = LOOP_LAG_SAMPLE_S) -> None:
+        """Runs until cancelled: sleeps `interval_s` and records how much later than that the
+        loop woke it (the time callbacks ahead of it held the loop)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time() + interval_s
+            await asyncio.sleep(interval_s)
+            self.loop_lag.observe(max(0.0, loop.time() - asked))
 
     # ------------------------------------------------------------------ observations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -185,3 +186,33 @@ async def _approval_requested(client: httpx.AsyncClient, sid: str) -> str:
                 return call_id
         await asyncio.sleep(0.02)
     raise AssertionError("no approval request appeared")
+
+
+async def test_loop_lag_records_how_long_a_blocked_loop_held_a_timer() -> None:
+    metrics = Metrics()
+    sampler = asyncio.create_task(metrics.sample_loop_lag(interval_s=0.05))
+    try:
+        await asyncio.sleep(0.12)  # a few idle samples
+        time.sleep(0.6)  # blocking the loop is what is being measured
+        await asyncio.sleep(0.08)  # the late timer fires and is recorded
+    finally:
+        sampler.cancel()
+    text = metrics.render().decode()
+    samples = {
+        (s.name, s.labels.get("le")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    count = samples[("chatops_event_loop_lag_seconds_count", None)]
+    assert count >= 3
+    # Exactly one sample waited out the block (0.5 s or more late); the idle ones did not.
+    late = count - samples[("chatops_event_loop_lag_seconds_bucket", "0.5")]
+    assert late == 1
+    assert samples[("chatops_event_loop_lag_seconds_sum", None)] >= 0.5
+
+
+async def test_the_service_samples_its_loop_lag(make_app: AppFactory) -> None:
+    async with make_app() as (_app, client):
+        await asyncio.sleep(1.2)  # two samples at the service's 0.5 s
+        samples = await scrape(client)
+    assert value(samples, "chatops_event_loop_lag_seconds_count") >= 2
