@@ -28,7 +28,7 @@ PER_MTOK = Decimal(1_000_000)
 USD_QUANTUM = Decimal("0.000001")
 # Enough digits that token counts times prices are always exact, whatever context the caller
 # has installed (the default 28 digits would be enough too, but must not be relied on).
-_EXACT = Context(prec=60, rounding=ROUND_HALF_EVEN)
+EXACT_CONTEXT = Context(prec=60, rounding=ROUND_HALF_EVEN)
 
 _PRICE_FIELDS = ("input", "cache_write_5m", "cache_write_1h", "cache_read", "output")
 
@@ -181,7 +181,7 @@ def _count(obj: object, name: str) -> int:
 def cost_usd(model: ModelInfo, usage: Usage) -> Decimal:
     """What one request cost, exactly (not rounded): every category at its band's price."""
     band = model.price_for(usage.total_input_tokens)
-    with localcontext(_EXACT):
+    with localcontext(EXACT_CONTEXT):
         token_price_sum = (
             usage.input_tokens * band.input
             + usage.cache_write_5m_tokens * band.cache_write_5m
@@ -217,14 +217,14 @@ def estimate_cost_usd(
         "5m": band.cache_write_5m,
         "1h": band.cache_write_1h,
     }[cache_write_ttl]
-    with localcontext(_EXACT):
+    with localcontext(EXACT_CONTEXT):
         token_price_sum = input_tokens_estimate * input_price + max_output_tokens * band.output
         return token_price_sum / PER_MTOK
 
 
 def round_usd(amount: Decimal) -> Decimal:
     """Round a cost to 6 decimal places (half-even, like the database's numeric rounding)."""
-    with localcontext(_EXACT):
+    with localcontext(EXACT_CONTEXT):
         return amount.quantize(USD_QUANTUM, rounding=ROUND_HALF_EVEN)
 
 

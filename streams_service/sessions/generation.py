@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any
 
 import anthropic
@@ -30,7 +30,14 @@ from streams_service.config import Settings
 from streams_service.durable.store import StreamStore
 from streams_service.errors import DATABASE_UNAVAILABLE
 from streams_service.llm import tools as tool_registry
-from streams_service.llm.models import ModelInfo, Usage, cost_usd, round_usd
+from streams_service.llm.models import (
+    EXACT_CONTEXT,
+    PER_MTOK,
+    ModelInfo,
+    Usage,
+    cost_usd,
+    round_usd,
+)
 from streams_service.llm.stream import MessageAccumulator, UpstreamStalled, stream_message
 from streams_service.observability.telemetry import Telemetry
 from streams_service.ops.error_events import generation_error
@@ -877,7 +884,9 @@ def _thinking_param(model: ModelInfo, max_tokens: int) -> dict[str, Any] | None:
 
 def output_allowance(model: ModelInfo, cost: Decimal, input_tokens: int, remaining: Decimal) -> int:
     """The most output tokens a call with this input can reach within the budget, -1 if none:
-    the largest n with cost + cost_usd(input, n) <= remaining (the cost rises with n)."""
+    the largest n with cost + cost_usd(input, n) <= remaining. The input fixes the price band,
+    so the cost is linear in n and n comes from one division; the pricing function itself then
+    confirms the boundary (an off-by-one from rounding moves it a step)."""
 
     def over(output_tokens: int) -> bool:
         usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
@@ -885,18 +894,17 @@ def output_allowance(model: ModelInfo, cost: Decimal, input_tokens: int, remaini
 
     if over(0):
         return -1
-    low, high = 0, 1024
-    while not over(high):
-        if high >= 1 << 40:
-            return high  # effectively unbounded (a free model)
-        low, high = high, high * 2
-    while high - low > 1:  # invariant: not over(low), over(high)
-        middle = (low + high) // 2
-        if over(middle):
-            high = middle
-        else:
-            low = middle
-    return low
+    per_token = model.price_for(input_tokens).output / PER_MTOK
+    if per_token <= 0:
+        return 1 << 40  # effectively unbounded (a free model)
+    with localcontext(EXACT_CONTEXT):
+        spare = remaining - cost - cost_usd(model, Usage(input_tokens=input_tokens))
+        allowance = int(spare // per_token)
+    while allowance > 0 and over(allowance):
+        allowance -= 1
+    while not over(allowance + 1):
+        allowance += 1
+    return allowance
 
 
 def _without_nones(block: dict[str, Any]) -> dict[str, Any]:
