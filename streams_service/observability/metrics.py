@@ -8,7 +8,7 @@ writer, and live readers, running generations and pool use are read only when sc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -118,14 +118,20 @@ class Metrics:
         if _active is self:
             _active = None
 
-    async def sample_loop_lag(self, interval_s: float = LOOP_LAG_SAMPLE_S) -> None:
+    async def sample_loop_lag(
+        self,
+        interval_s: float = LOOP_LAG_SAMPLE_S,
+        *,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         """Runs until cancelled: sleeps `interval_s` and records how much later than that the
-        loop woke it (the time callbacks ahead of it held the loop)."""
-        loop = asyncio.get_running_loop()
+        loop woke it (the time callbacks ahead of it held the loop). `clock` is the loop's."""
+        now = clock or asyncio.get_running_loop().time
         while True:
-            asked = loop.time() + interval_s
-            await asyncio.sleep(interval_s)
-            self.loop_lag.observe(max(0.0, loop.time() - asked))
+            asked = now() + interval_s
+            await sleep(interval_s)
+            self.loop_lag.observe(max(0.0, now() - asked))
 
     # ------------------------------------------------------------------ observations
 

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, bindparam, func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db import pg_direct
@@ -139,11 +139,6 @@ async def send_row_and_history(
     row = rows[0]
     times = {k: getattr(row, k).astimezone(UTC) for k in _SESSION_TIMES if getattr(row, k)}
     return row._replace(**times), history
-
-
-async def history_rows(db: AsyncSession, session_id: str) -> Sequence[Row[Any, Any, Any, Any, Any]]:
-    """What building the conversation needs of each message, in order."""
-    return (await db.execute(_HISTORY, {"b_sid": session_id})).all()
 
 
 async def insert_message(db: AsyncSession, pg: Direct | None = None, **values: Any) -> None:

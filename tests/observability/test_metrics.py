@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from decimal import Decimal
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streams_service.observability.metrics import Metrics, observe_rate_limited
@@ -188,31 +188,39 @@ async def _approval_requested(client: httpx.AsyncClient, sid: str) -> str:
     raise AssertionError("no approval request appeared")
 
 
-async def test_loop_lag_records_how_long_a_blocked_loop_held_a_timer() -> None:
+async def test_loop_lag_records_how_late_each_timer_fired() -> None:
+    """A clock the test drives: each sleep returns this much later than it was asked to."""
     metrics = Metrics()
-    sampler = asyncio.create_task(metrics.sample_loop_lag(interval_s=0.05))
-    try:
-        await asyncio.sleep(0.12)  # a few idle samples
-        time.sleep(0.6)  # blocking the loop is what is being measured
-        await asyncio.sleep(0.08)  # the late timer fires and is recorded
-    finally:
-        sampler.cancel()
-    text = metrics.render().decode()
+    late_by = [0.0, 0.002, 0.6, 0.0]
+    now = 100.0
+
+    async def sleep(seconds: float) -> None:
+        nonlocal now
+        if not late_by:
+            raise asyncio.CancelledError  # every planned sample taken
+        now += seconds + late_by.pop(0)
+
+    with pytest.raises(asyncio.CancelledError):
+        await metrics.sample_loop_lag(0.5, clock=lambda: now, sleep=sleep)
     samples = {
         (s.name, s.labels.get("le")): s.value
-        for family in text_string_to_metric_families(text)
+        for family in text_string_to_metric_families(metrics.render().decode())
         for s in family.samples
     }
-    count = samples[("chatops_event_loop_lag_seconds_count", None)]
-    assert count >= 3
-    # Exactly one sample waited out the block (0.5 s or more late); the idle ones did not.
-    late = count - samples[("chatops_event_loop_lag_seconds_bucket", "0.5")]
-    assert late == 1
-    assert samples[("chatops_event_loop_lag_seconds_sum", None)] >= 0.5
+    assert samples[("chatops_event_loop_lag_seconds_count", None)] == 4
+    assert samples[("chatops_event_loop_lag_seconds_bucket", "0.001")] == 2
+    assert samples[("chatops_event_loop_lag_seconds_bucket", "0.0025")] == 3
+    assert samples[("chatops_event_loop_lag_seconds_bucket", "0.5")] == 3
+    assert samples[("chatops_event_loop_lag_seconds_bucket", "1.0")] == 4
+    assert samples[("chatops_event_loop_lag_seconds_sum", None)] == pytest.approx(0.602)
 
 
 async def test_the_service_samples_its_loop_lag(make_app: AppFactory) -> None:
     async with make_app() as (_app, client):
-        await asyncio.sleep(1.2)  # two samples at the service's 0.5 s
-        samples = await scrape(client)
+        # The service samples every 0.5 s; wait (bounded) until two samples are in.
+        for _ in range(100):
+            samples = await scrape(client)
+            if value(samples, "chatops_event_loop_lag_seconds_count") >= 2:
+                break
+            await asyncio.sleep(0.1)
     assert value(samples, "chatops_event_loop_lag_seconds_count") >= 2
