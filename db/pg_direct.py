@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import psycopg
 from psycopg.rows import namedtuple_row
@@ -31,6 +31,13 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 _DIALECT = PGDialect_psycopg()  # type: ignore[no-untyped-call]
+
+
+class RowCount(Protocol):
+    """A statement's outcome: psycopg's cursor, whose count is set once its result arrives."""
+
+    @property
+    def rowcount(self) -> int: ...
 
 
 class DirectStatement:
@@ -100,10 +107,13 @@ class Direct:
 
     async def execute(self, stmt: DirectStatement, values: Mapping[str, Any]) -> int:
         """Run a statement; its row count (inside `pipeline()`, -1: known only at the end)."""
+        return (await self.submit(stmt, values)).rowcount
+
+    async def submit(self, stmt: DirectStatement, values: Mapping[str, Any]) -> RowCount:
+        """Run a statement; inside `pipeline()` its row count is read once the pipeline ends."""
         params = stmt.params(values)
         async with self._translated(stmt, params):
-            cursor = await self.driver.execute(stmt.sql, params)
-            return cursor.rowcount
+            return await self.driver.execute(stmt.sql, params)
 
     async def fetch(
         self, queries: Sequence[tuple[DirectStatement, Mapping[str, Any]]]

@@ -199,8 +199,13 @@ class GenerationManager:
         if self.interrupting:
             handle.stop_reason = "interrupted"
         self.running[spec.session_id] = handle
+        runner = _Runner(self, handle)
+        # The upstream call is a task of its own (stop cancels it) started here, not from the
+        # run task: its request then goes out on the loop's next turn, while the send finishes
+        # its transaction, rather than one turn later (a turn is milliseconds under load).
+        handle.inner = asyncio.create_task(runner.turns(), name=f"upstream-{spec.generation_id}")
         handle.task = asyncio.create_task(
-            self._run(handle), name=f"generation-{spec.generation_id}"
+            self._run(handle, runner), name=f"generation-{spec.generation_id}"
         )
         return handle
 
@@ -261,9 +266,9 @@ class GenerationManager:
             for w in pending:
                 w.cancel()
 
-    async def _run(self, handle: Handle) -> None:
+    async def _run(self, handle: Handle, runner: _Runner) -> None:
         try:
-            await _Runner(self, handle).run()
+            await runner.run()
         except Exception:
             log.exception("generation_crashed", generation_id=handle.spec.generation_id)
         finally:
@@ -287,7 +292,16 @@ class _Runner:
         self.ttft_ms: int | None = None
         self.ratelimit: dict[str, str] | None = None
         self.thinking_steps = 0
-        self.writer: ChunkWriter | None = None
+        spec = self.spec
+        self.writer = ChunkWriter(
+            manager.store,
+            spec.stream_path,
+            message_id=spec.message_id,
+            producer_id=f"gen-{spec.generation_id}",
+            flush_chars=self.settings.stream_flush_chars,
+            flusher=manager.flusher,
+            ready=spec.user_appended,
+        )
         self.output_chars = 0
         self.current_input_tokens = 0
         self._allowance_key: tuple[Decimal, int] | None = None
@@ -295,19 +309,9 @@ class _Runner:
 
     async def run(self) -> None:
         spec = self.spec
-        async with ChunkWriter(
-            self.m.store,
-            spec.stream_path,
-            message_id=spec.message_id,
-            producer_id=f"gen-{spec.generation_id}",
-            flush_chars=self.settings.stream_flush_chars,
-            flusher=self.m.flusher,
-            ready=spec.user_appended,
-        ) as writer:
-            self.writer = writer
-            # Upstream first: its request is on the wire while RUN_STARTED is written.
-            inner = asyncio.create_task(self._turns())
-            self.h.inner = inner
+        inner = self.h.inner  # upstream first: its request is on the wire while RUN_STARTED is
+        assert inner is not None  # written (GenerationManager.start)
+        async with self.writer as writer:
             # Started before the first wait as well: a task cancelled before it ever ran leaves
             # its coroutine unawaited when a task factory wraps it (Sentry's asyncio one does).
             heartbeat = asyncio.create_task(self._heartbeat())
@@ -352,7 +356,7 @@ class _Runner:
 
     # ------------------------------------------------------------------ the tool loop
 
-    async def _turns(self) -> str:
+    async def turns(self) -> str:
         conversation = list(self.spec.history)
         for _turn in range(self.settings.max_tool_turns):
             final = await self._one_call(conversation)
@@ -418,7 +422,6 @@ class _Runner:
         return final
 
     async def _on_event(self, event: dict[str, Any], message: MessageAccumulator) -> None:
-        assert self.writer is not None
         kind = event["type"]
         mid = self.spec.message_id
         if kind == "content_block_start":
@@ -528,7 +531,7 @@ class _Runner:
         wake-up, one read and one write per coalescing interval instead of work per upstream
         event, and each delta waits at most about the interval in all. No sleeping until the
         first words are out (time to first token): a delta arriving meanwhile would wait."""
-        if not self.text_seen or self.writer is None:
+        if not self.text_seen:
             return None
         self.writer.flush_from_timer()
         return self.writer.until_next_write(resume)
@@ -558,7 +561,6 @@ class _Runner:
     async def _run_tool(
         self, tool_call_id: str, name: str, tool_input: dict[str, Any]
     ) -> dict[str, Any]:
-        assert self.writer is not None
         tool = tool_registry.get_tool(name)
         part = next(
             (
@@ -622,7 +624,6 @@ class _Runner:
     async def _ask_approval(
         self, tool_call_id: str, name: str, tool_input: dict[str, Any], part: _Part | None
     ) -> bool:
-        assert self.writer is not None
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.h.approvals[tool_call_id] = future
         if part is not None:
@@ -665,7 +666,6 @@ class _Runner:
     # ------------------------------------------------------------------ the end
 
     async def _finish(self, finish: str, error: BaseException | None) -> None:
-        assert self.writer is not None
         spec = self.spec
         if self.text_open:
             await self.writer.emit(records.event("TEXT_MESSAGE_END", messageId=spec.message_id))

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from db import pg_direct
 from db.models import ChatMessage, ChatSession, Generation
-from db.pg_direct import Direct
+from db.pg_direct import Direct, RowCount
 
 _SESSIONS = cast(Table, ChatSession.__table__)
 _MESSAGES = cast(Table, ChatMessage.__table__)
@@ -228,14 +228,37 @@ async def claim_generation(
     """Atomically make `generation_id` the session's one active generation, reserving its
     estimated cost (and counting the user message it answers, when it adds one). False when
     another generation is already running."""
-    values = {
+    values = _claim_values(session_id, generation_id, reserve, now)
+    return await _run(db, pg, _CLAIM[count_message], values, _CLAIM_KEYS) == 1
+
+
+async def submit_claim(
+    pg: Direct,
+    session_id: str,
+    generation_id: str,
+    reserve: Decimal,
+    now: datetime,
+    *,
+    count_message: bool = False,
+) -> RowCount:
+    """`claim_generation` inside a `pg_direct.pipeline()`: claimed when the count reads 1 once
+    the pipeline has ended."""
+    values = _claim_values(session_id, generation_id, reserve, now)
+    return await pg.submit(pg_direct.statement(_CLAIM[count_message], _CLAIM_KEYS), values)
+
+
+_CLAIM_KEYS = ("active_generation_id", "updated_at")
+
+
+def _claim_values(
+    session_id: str, generation_id: str, reserve: Decimal, now: datetime
+) -> dict[str, Any]:
+    return {
         "b_sid": session_id,
         "b_reserve": reserve,
         "active_generation_id": generation_id,
         "updated_at": now,
     }
-    keys = ["active_generation_id", "updated_at"]
-    return await _run(db, pg, _CLAIM[count_message], values, keys) == 1
 
 
 async def release_generation(

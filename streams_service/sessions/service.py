@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db import pg_direct
 from db.models import ChatMessage, ChatSession, Generation
+from db.pg_direct import RowCount
 from streams_service.access import budgets
 from streams_service.access.limits import MESSAGE_SEND, SESSION_CREATE, RateLimited, RateLimiter
 from streams_service.access.principal import LOCAL_ADMIN, Principal
@@ -77,6 +78,7 @@ _V = TypeVar("_V", bound=_SessionView)
 log = structlog.get_logger(__name__)
 
 STREAM_PREFIX = "sessions/"
+BUSY = "a generation is already running in this session; stop it first"
 
 
 class PaymentRequired(AppError):
@@ -301,16 +303,21 @@ class SessionService:
                         {"role": "user", "content": attachments.user_blocks(content, images)}
                     )
                     remaining, reserve = await self._budget(db, row, who, model, history, now)
-                    # Still conditional: SQLite takes no row lock, and a racing send must lose.
-                    claimed = await repo.claim_generation(
-                        db, sid, generation_id, reserve, now, count_message=True, pg=pg
-                    )
+                    if pg is None:
+                        # Still conditional: SQLite takes no row lock, and a racing send must
+                        # lose.
+                        claimed = await repo.claim_generation(
+                            db, sid, generation_id, reserve, now, count_message=True
+                        )
+                    else:
+                        # Postgres: the row read above stays locked until this commits and has
+                        # no active generation, so the claim cannot lose. It goes out with the
+                        # inserts below, a round trip fewer before the upstream request.
+                        claimed = True
                 if not claimed:
                     retry_after = self.generations.finishing(sid)
                     if retry_after is None:
-                        raise Conflict(
-                            "a generation is already running in this session; stop it first"
-                        )
+                        raise Conflict(BUSY)
                 else:
                     # Claimed and reserved, so this send runs: its upstream request goes out
                     # now, and the rest of this transaction and the user message's append
@@ -334,8 +341,13 @@ class SessionService:
                             user_appended=appended,
                         )
                     )
-                    # Both rows in one round trip on Postgres.
+                    # The claim and both rows in one round trip on Postgres.
+                    claim: RowCount | None = None
                     async with pg_direct.pipeline(pg):
+                        if pg is not None:
+                            claim = await repo.submit_claim(
+                                pg, sid, generation_id, reserve, now, count_message=True
+                            )
                         await repo.insert_message(
                             db,
                             pg,
@@ -364,6 +376,9 @@ class SessionService:
                                 now,
                             ),
                         )
+                    if claim is not None and claim.rowcount != 1:
+                        # Only if the lock did not hold (it does): refuse, as a lost claim is.
+                        raise Conflict(BUSY)
         except BaseException:
             await self._abandon(handle, appended)
             raise
@@ -465,7 +480,7 @@ class SessionService:
             history = build_history(live[:-1])
             remaining, reserve = await self._budget(db, row, who, model, history, now)
             if not await repo.claim_generation(db, sid, generation_id, reserve, now):
-                raise Conflict("a generation is already running in this session; stop it first")
+                raise Conflict(BUSY)
             previous.status = "superseded"
             db.add(
                 Generation(

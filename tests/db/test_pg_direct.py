@@ -119,6 +119,27 @@ async def test_a_send_reads_and_writes_what_the_session_path_does(engine: AsyncE
         assert missing is None and nothing == []
 
 
+async def test_a_claim_in_a_pipeline_reports_whether_it_won_once_the_pipeline_ends(
+    engine: AsyncEngine,
+) -> None:
+    await _session(engine)
+    maker = async_sessionmaker(engine, expire_on_commit=False)
+    async with maker.begin() as db:
+        pg = await pg_direct.direct(db)
+        assert pg is not None
+        async with pg_direct.pipeline(pg):
+            won = await repo.submit_claim(pg, "s1", "g1", Decimal("0.5"), T0, count_message=True)
+            assert won.rowcount == -1  # not known until the round trip
+        assert won.rowcount == 1
+        async with pg_direct.pipeline(pg):
+            lost = await repo.submit_claim(pg, "s1", "g2", Decimal(1), T0)
+        assert lost.rowcount == 0
+    async with maker() as db:
+        session = await db.get(ChatSession, "s1")
+    assert session is not None and session.active_generation_id == "g1"
+    assert session.reserved_usd == Decimal("0.5") and session.message_count == 1
+
+
 async def test_errors_are_sqlalchemy_errors_without_parameters(engine: AsyncEngine) -> None:
     await _session(engine)
     maker = async_sessionmaker(engine)
