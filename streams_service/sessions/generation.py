@@ -101,6 +101,9 @@ class Handle:
     finishing: bool = False  # the terminal event is being written; only bookkeeping is left
     approvals: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # The session's generation this one replaced in `running` (one that was finishing), put
+    # back if this one is abandoned while that one still runs.
+    displaced: Handle | None = None
 
 
 @dataclass
@@ -198,6 +201,7 @@ class GenerationManager:
         handle = Handle(spec)
         if self.interrupting:
             handle.stop_reason = "interrupted"
+        handle.displaced = self.running.get(spec.session_id)
         self.running[spec.session_id] = handle
         runner = _Runner(self, handle)
         # The upstream call is a task of its own (stop cancels it) started here, not from the
@@ -228,6 +232,7 @@ class GenerationManager:
         call included, and forgotten."""
         await cancel_quietly(handle.inner)
         await cancel_quietly(handle.task)
+        self._forget(handle)  # its task's own cleanup never ran if it was cancelled unstarted
 
     def finishing(self, session_id: str) -> asyncio.Event | None:
         """The `done` event of this session's generation if it is past its terminal event."""
@@ -272,9 +277,18 @@ class GenerationManager:
         except Exception:
             log.exception("generation_crashed", generation_id=handle.spec.generation_id)
         finally:
-            if self.running.get(handle.spec.session_id) is handle:
-                del self.running[handle.spec.session_id]
-            handle.done.set()
+            self._forget(handle)
+
+    def _forget(self, handle: Handle) -> None:
+        sid = handle.spec.session_id
+        if self.running.get(sid) is handle:
+            previous = handle.displaced
+            if previous is not None and not previous.done.is_set():
+                self.running[sid] = previous
+            else:
+                del self.running[sid]
+        handle.displaced = None
+        handle.done.set()
 
 
 class _Runner:

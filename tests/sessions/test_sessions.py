@@ -4,6 +4,7 @@ records on the stream, and what is persisted."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -229,6 +230,46 @@ async def test_one_generation_at_a_time_and_stop_keeps_the_partial_answer(
         assert (await client.post(f"/v1/sessions/{sid}/stop")).status_code == 409
         await send(client, sid, "short [[tokens:3]]")
         await wait_idle(client, sid)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_claim_lost_after_the_generation_started_refuses_and_leaves_nothing(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Postgres the claim is sent with the inserts, after the generation has started,
+    because the locked session row says it cannot lose. Should it lose anyway, the send is
+    refused as any second send is, its generation is abandoned and nothing of it is kept."""
+    from streams_service.sessions import repository
+
+    async with make_app(simulator_tokens_per_s=60) as (app, client):
+        sid = await new_session(client)
+        running = await send(client, sid, "a long answer please [[tokens:600]]")
+        read = repository.send_row_and_history
+
+        async def stale_read(*args: Any, **kwargs: Any) -> Any:
+            row, history = await read(*args, **kwargs)
+            # As if the row lock had not held: the running generation is not seen.
+            return row._replace(active_generation_id=None), history
+
+        monkeypatch.setattr(repository, "send_row_and_history", stale_read)
+        refused = await client.post(f"/v1/sessions/{sid}/messages", json={"content": "another"})
+        assert refused.status_code == 409 and "running" in refused.json()["detail"]
+        monkeypatch.undo()
+        assert await _counts(app, sid) == (1, 1)
+        assert (
+            services(app).sessions.generations.running[sid].spec.generation_id
+            == (running["generation_id"])
+        )
+        assert (await client.post(f"/v1/sessions/{sid}/stop")).status_code == 200
+        await wait_idle(client, sid)
+        runs = [
+            json.loads(r["value"]["chunk"])
+            for r in await stream_records(client, sid)
+            if r.get("type") == "chunk"
+        ]
+        started = [e["runId"] for e in runs if e["type"] == "RUN_STARTED"]
+        assert started == [running["generation_id"]]
+        assert await _counts(app, sid) == (2, 1)  # the question and its (stopped) answer
 
 
 @pytest.mark.parametrize(
