@@ -262,7 +262,10 @@ async def test_a_generation_woken_by_its_tick_joins_the_write_it_precedes(
         woke = loop.time()
         assert len(called) == 1 and woke - called[0] >= chunks.SETTLE_S * 0.9
         assert writer.appends == 1  # woken before the write
-        await asyncio.sleep(0.01)
+        for _ in range(500):  # bounded wait for that write (slow on a loaded machine)
+            if writer.appends == 2:
+                break
+            await asyncio.sleep(0.01)
         assert writer.appends == 2
         assert flusher.ticks == [1, 1]
 
@@ -275,7 +278,10 @@ async def test_a_generation_woken_by_its_tick_joins_the_write_it_precedes(
         assert writer.appends == 3 and not until.done()
         await asyncio.wait_for(until, timeout=5)
         assert 0.02 <= loop.time() - started <= 0.5
-        await asyncio.sleep(0.02)  # the tick's write (of nothing) has run
+        for _ in range(500):  # bounded wait for the tick's write (of nothing) to run
+            if len(flusher.ticks) == 3:
+                break
+            await asyncio.sleep(0.01)
         assert writer.appends == 3
         assert len(flusher.ticks) == 3
     assert [e[0].get("delta") for e in await _events(client, paths[0])] == ["ab", "x", "c"]
