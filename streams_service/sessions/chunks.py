@@ -189,6 +189,11 @@ class ChunkWriter:
         self._inflight: bytes | None = None
         # The timer's write of `_inflight`, while it is in the store's hands.
         self._submitted: asyncio.Future[AppendOutcome] | None = None
+        # A batch frozen after `_inflight` and sent right behind it under the next seq (a flush
+        # that found the timer's write in flight), and the store's answer while it is pending.
+        # Not known to be written until both are: retried after `_inflight`, under that seq.
+        self._next: bytes | None = None
+        self._behind: asyncio.Future[AppendOutcome] | None = None
         self._lock = asyncio.Lock()
         self._timed_flush: asyncio.Task[None] | None = None
         self.last_offset: str | None = None
@@ -240,21 +245,44 @@ class ChunkWriter:
     async def flush(self) -> None:
         """Write what is pending. A batch that failed is retried as it was, under the same
         producer seq, before anything newer: if its first attempt did commit, the retry is
-        recognised as a duplicate instead of writing it twice."""
+        recognised as a duplicate instead of writing it twice.
+
+        When the timer's write is still in the store's hands, what is pending goes to the store
+        right behind it under the next seq instead of waiting for its outcome (a round trip
+        and a loop wake-up: the first words of an answer often find the thinking's last batch
+        in flight). The store applies a producer's appends in seq order, so the second lands
+        only after the first; if either fails, both are retried in order, each under the seq
+        it was sent with."""
         async with self._lock:
             if self._ready is not None:
                 await self._ready
                 self._ready = None
             submitted = self._submitted
+            behind_it = submitted is not None and not submitted.done()
+            if behind_it and self._pending and self._next is None:
+                self._next = self._freeze()
+                self._behind = self._store.submit_append(
+                    self._path, self._request(self._next, self._producer_seq + 1)
+                )
             if submitted is not None:
                 # The timer's write goes first; its outcome decides whether it is retried.
                 await asyncio.wait([submitted])
                 self._settle(submitted)
+            behind = self._behind
+            if behind is not None:
+                await asyncio.wait([behind])
+                self._behind = None
+                if _succeeded(behind) and self._inflight is None:
+                    self._next = None
+                    self._count(behind.result())
             while True:
                 if self._inflight is None:
-                    if not self._pending:
+                    if self._next is not None:
+                        self._inflight, self._next = self._next, None
+                    elif not self._pending:
                         return
-                    self._inflight = self._freeze()
+                    else:
+                        self._inflight = self._freeze()
                 await self._append(self._inflight)
                 self._inflight = None
 
@@ -273,6 +301,7 @@ class ChunkWriter:
             self._lock.locked()
             or self._submitted is not None
             or self._inflight is not None
+            or self._next is not None
             or not self._is_ready()
         ):
             if self._timed_flush is None or self._timed_flush.done():
@@ -328,8 +357,8 @@ class ChunkWriter:
             self._seq += 1
         return records.encode(rows)
 
-    def _request(self, body: bytes) -> AppendRequest:
-        producer = Producer(self._producer_id, 0, self._producer_seq)
+    def _request(self, body: bytes, seq: int | None = None) -> AppendRequest:
+        producer = Producer(self._producer_id, 0, self._producer_seq if seq is None else seq)
         # `body` is records.encode() of a non-empty batch (_freeze): no need to parse it again.
         return AppendRequest(
             body=body, content_type="application/json", producer=producer, encoded_json=True
@@ -366,3 +395,8 @@ class ChunkWriter:
         except Exception as exc:
             # Kept for the next flush; the generation sees the error on its next write.
             log.warning("chunk_flush_failed", error=type(exc).__name__)
+
+
+def _succeeded(future: asyncio.Future[AppendOutcome]) -> bool:
+    """Done without an error (which is retrieved: a failure here is dealt with by a retry)."""
+    return not future.cancelled() and future.exception() is None

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from fastapi import FastAPI
 
@@ -301,3 +302,110 @@ async def test_a_timer_write_that_fails_is_retried_by_the_next_flush_which_repor
         await writer.emit(records.event("TEXT_MESSAGE_END", messageId="m1"))
     assert writer.appends == 0
     assert await _events(client, path) == []
+
+
+class _SeqSpy:
+    """Records each append the store is handed for one stream: its producer seq, and whether
+    every earlier one had its outcome by then (False: sent behind a write still in flight)."""
+
+    def __init__(self, services: Services, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sent: list[tuple[int, bool]] = []
+        self._futures: list[asyncio.Future[Any]] = []
+        submit = services.store.submit_append
+
+        def spy(p: str, request: AppendRequest) -> asyncio.Future[Any]:
+            future = submit(p, request)
+            if p == path and request.producer is not None:
+                self.sent.append((request.producer.seq, all(f.done() for f in self._futures)))
+                self._futures.append(future)
+            return future
+
+        monkeypatch.setattr(services.store, "submit_append", spy)
+        monkeypatch.setattr(services.store, "append", spy)
+
+
+async def _locked_stream_writer(
+    app: FastAPI, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, ChunkWriter, _SeqSpy, psycopg.AsyncConnection[Any]]:
+    """A writer whose stream row another transaction holds locked: its first write waits in
+    the store until the test lets it go (rolls `locker` back) or ends it."""
+    path, writer = await _writer(app, interval_s=0.02)
+    spy = _SeqSpy(app.state.services, path, monkeypatch)
+    locker = await psycopg.AsyncConnection.connect(database_url)
+    await locker.execute("SELECT 1 FROM ds_streams WHERE path = %s FOR UPDATE", (path,))
+    return path, writer, spy, locker
+
+
+async def _wait_for_blocked_write(database_url: str) -> int:
+    """The backend of the store's write, waiting on the row lock: its pid."""
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        for _ in range(500):
+            row = await (
+                await conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+            ).fetchone()
+            if row is not None:
+                return int(row[0])
+            await asyncio.sleep(0.01)
+    raise AssertionError("the timer's write never reached the database")
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_flush_sends_its_batch_right_behind_the_timers_write_in_flight(
+    app: FastAPI, client: httpx.AsyncClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, writer, spy, locker = await _locked_stream_writer(app, database_url, monkeypatch)
+    async with writer, locker:  # the lock goes first, whatever happens
+        await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="think"))
+        await _wait_for_blocked_write(database_url)  # the timer's write, held by the lock
+        flush = asyncio.create_task(
+            writer.emit(
+                records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="Hi"), flush=True
+            )
+        )
+        for _ in range(500):
+            if len(spy.sent) == 2:
+                break
+            await asyncio.sleep(0.01)
+        # Sent under the next seq while the first was still waiting: not after its outcome.
+        assert spy.sent == [(0, True), (1, False)]
+        assert writer.appends == 0 and not flush.done()
+        await locker.rollback()
+        await asyncio.wait_for(flush, timeout=10)
+        assert writer.appends == 2
+    assert spy.sent == [(0, True), (1, False)]  # nothing was sent twice
+    assert [e[0].get("delta") for e in await _events(client, path)] == ["think", "Hi"]
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_when_the_write_ahead_fails_both_are_retried_in_order_under_their_seqs(
+    app: FastAPI, client: httpx.AsyncClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, writer, spy, locker = await _locked_stream_writer(app, database_url, monkeypatch)
+    async with writer, locker:  # the lock goes first, whatever happens
+        await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="think"))
+        pid = await _wait_for_blocked_write(database_url)
+        flush = asyncio.create_task(
+            writer.emit(records.event("TEXT_MESSAGE_END", messageId="m1"))  # writes at once
+        )
+        for _ in range(500):
+            if len(spy.sent) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert spy.sent == [(0, True), (1, False)]
+        # The first write's connection dies (a database restart, a failover): it fails, and
+        # the one behind it cannot land before it (a sequence gap, or the same outage).
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as kill:
+            await kill.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        await locker.rollback()
+        await asyncio.wait_for(flush, timeout=20)
+        assert writer.appends == 2
+    # Retried in order, each under the seq it was first sent with.
+    assert [seq for seq, _ in spy.sent] == [0, 1, 0, 1]
+    events = [e[0] for e in await _events(client, path)]
+    assert [(e["type"], e.get("delta")) for e in events] == [
+        ("TEXT_MESSAGE_CONTENT", "think"),
+        ("TEXT_MESSAGE_END", None),
+    ]
