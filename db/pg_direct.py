@@ -18,6 +18,7 @@ On SQLite, `direct` returns None and callers run the statement through the sessi
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
@@ -96,22 +97,61 @@ def statement(stmt: ClauseElement, keys: Sequence[str] | None = None) -> DirectS
     return found
 
 
+class _Deferred:
+    """A statement's row count inside `Direct.combined()`: known once the block has ended."""
+
+    __slots__ = ("rowcount",)
+
+    def __init__(self) -> None:
+        self.rowcount = -1
+
+
+_PLACEHOLDER = re.compile(r"(?<!%)%\((\w+)\)s")
+# Keyed by the ids of the DirectStatements combined: those live as long as `_compiled` does.
+_combined_sql: dict[tuple[int, ...], str] = {}
+
+
+def _combined(parts: Sequence[DirectStatement]) -> str:
+    """One statement running `parts` (INSERT/UPDATE/DELETE): each a data-modifying WITH query
+    whose parameters are prefixed with its position, and a SELECT of their row counts."""
+    key = tuple(id(p) for p in parts)
+    found = _combined_sql.get(key)
+    if found is None:
+        queries = [
+            f"s{i} AS ({_prefixed(part.sql, f'p{i}_')} RETURNING 1)" for i, part in enumerate(parts)
+        ]
+        # Built only from compiled Core statements and positions: no value is ever spliced in.
+        counts = ", ".join(f"(SELECT count(*) FROM s{i})" for i in range(len(parts)))  # noqa: S608
+        found = _combined_sql[key] = f"WITH {', '.join(queries)} SELECT {counts}"
+    return found
+
+
+def _prefixed(sql: str, prefix: str) -> str:
+    return _PLACEHOLDER.sub(lambda m: f"%({prefix}{m.group(1)})s", sql)
+
+
 class Direct:
     """The psycopg connection of one SQLAlchemy transaction."""
 
-    __slots__ = ("_conn", "driver")
+    __slots__ = ("_combining", "_conn", "driver")
 
     def __init__(self, conn: AsyncConnection, driver: psycopg.AsyncConnection[Any]) -> None:
         self._conn = conn
         self.driver = driver
+        self._combining: list[tuple[DirectStatement, dict[str, Any], _Deferred]] | None = None
 
     async def execute(self, stmt: DirectStatement, values: Mapping[str, Any]) -> int:
         """Run a statement; its row count (inside `pipeline()`, -1: known only at the end)."""
         return (await self.submit(stmt, values)).rowcount
 
     async def submit(self, stmt: DirectStatement, values: Mapping[str, Any]) -> RowCount:
-        """Run a statement; inside `pipeline()` its row count is read once the pipeline ends."""
+        """Run a statement; inside `pipeline()` or `combined()` its row count is read once the
+        block has ended."""
         params = stmt.params(values)
+        if self._combining is not None:
+            count = _Deferred()
+            self._combining.append((stmt, params, count))
+            return count
         async with self._translated(stmt, params):
             return await self.driver.execute(stmt.sql, params)
 
@@ -133,6 +173,41 @@ class Direct:
         """Statements executed inside go out together, in one round trip at the end."""
         async with self._translated(None, {}), self.driver.pipeline():
             yield
+
+    @contextlib.asynccontextmanager
+    async def combined(self, *, commit: bool = False) -> AsyncIterator[None]:
+        """INSERTs, UPDATEs and DELETEs executed inside are sent as ONE statement when the block
+        ends (nothing is sent if it raises): each becomes a data-modifying WITH query of it.
+        psycopg's work per statement on the event loop (a cursor, its wait and result, even in
+        a pipeline) then happens once instead of per statement. Only for statements that do not
+        read each other's effects: all of them see the database as the statement found it.
+
+        `commit`: the transaction ends with it, the COMMIT in the same round trip (the
+        session's own commit then finds nothing to do). Only as the transaction's last work:
+        anything the session would still flush at its commit is left out of it."""
+        if self._combining is not None:
+            raise RuntimeError("combined() blocks do not nest")
+        self._combining = []
+        try:
+            yield
+            parts = self._combining
+        finally:
+            self._combining = None
+        if not parts:
+            return
+        sql = _combined([stmt for stmt, _, _ in parts])
+        params = {f"p{i}_{k}": v for i, (_, p, _) in enumerate(parts) for k, v in p.items()}
+        async with self._translated(None, params):
+            if commit:
+                async with self.driver.pipeline():
+                    cursor = await self.driver.execute(sql, params)
+                    await self.driver.commit()
+            else:
+                cursor = await self.driver.execute(sql, params)
+            counts = await cursor.fetchone()
+        assert counts is not None
+        for (_, _, deferred), count in zip(parts, counts, strict=True):
+            deferred.rowcount = int(count)
 
     @contextlib.asynccontextmanager
     async def _translated(
@@ -159,6 +234,13 @@ class Direct:
 def pipeline(pg: Direct | None) -> contextlib.AbstractAsyncContextManager[None]:
     """`pg.pipeline()`, or nothing to do without a driver connection (SQLite)."""
     return pg.pipeline() if pg is not None else contextlib.nullcontext()
+
+
+def combined(
+    pg: Direct | None, *, commit: bool = False
+) -> contextlib.AbstractAsyncContextManager[None]:
+    """`pg.combined()`, or nothing to do without a driver connection (SQLite)."""
+    return pg.combined(commit=commit) if pg is not None else contextlib.nullcontext()
 
 
 async def direct(db: AsyncSession) -> Direct | None:

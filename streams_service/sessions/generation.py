@@ -682,7 +682,10 @@ class _Runner:
     async def _finish(self, finish: str, error: BaseException | None) -> None:
         spec = self.spec
         if self.text_open:
-            await self.writer.emit(records.event("TEXT_MESSAGE_END", messageId=spec.message_id))
+            # Written with the terminal event below, in one append (nothing waits in between).
+            await self.writer.emit(
+                records.event("TEXT_MESSAGE_END", messageId=spec.message_id), defer=True
+            )
         code = message = None
         status = (
             "completed" if finish in ("stop", "length", "content_filter", "tool_calls") else finish
@@ -801,8 +804,9 @@ class _Runner:
                         )
                     )
                 pg = await pg_direct.direct(db)
-                # All four in one round trip on Postgres (then the commit).
-                async with pg_direct.pipeline(pg):
+                # All four as one statement on Postgres, with the COMMIT in the same round trip
+                # unless the session still has the error event to write.
+                async with pg_direct.combined(pg, commit=code is None):
                     await repo.insert_message(
                         db,
                         pg,

@@ -112,7 +112,7 @@ async def _run(
     keys: Sequence[str] | None = None,
 ) -> int:
     """Execute a Core statement, on the driver connection when there is one; its row count
-    (-1 when unknown: inside a pipeline)."""
+    (-1 when unknown: inside a pipeline or a combined statement)."""
     if pg is not None:
         return await pg.execute(pg_direct.statement(stmt, keys), values)
     result = await db.execute(stmt, values)
@@ -241,8 +241,8 @@ async def submit_claim(
     *,
     count_message: bool = False,
 ) -> RowCount:
-    """`claim_generation` inside a `pg_direct.pipeline()`: claimed when the count reads 1 once
-    the pipeline has ended."""
+    """`claim_generation` inside `pg_direct.pipeline()` or `combined()`: claimed when the count
+    reads 1 once the block has ended."""
     values = _claim_values(session_id, generation_id, reserve, now)
     return await pg.submit(pg_direct.statement(_CLAIM[count_message], _CLAIM_KEYS), values)
 

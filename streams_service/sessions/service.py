@@ -341,9 +341,9 @@ class SessionService:
                             user_appended=appended,
                         )
                     )
-                    # The claim and both rows in one round trip on Postgres.
+                    # The claim and both rows as one statement on Postgres.
                     claim: RowCount | None = None
-                    async with pg_direct.pipeline(pg):
+                    async with pg_direct.combined(pg):
                         if pg is not None:
                             claim = await repo.submit_claim(
                                 pg, sid, generation_id, reserve, now, count_message=True

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 import pytest
@@ -138,6 +139,147 @@ async def test_a_claim_in_a_pipeline_reports_whether_it_won_once_the_pipeline_en
         session = await db.get(ChatSession, "s1")
     assert session is not None and session.active_generation_id == "g1"
     assert session.reserved_usd == Decimal("0.5") and session.message_count == 1
+
+
+class _CountingDriver:
+    """The driver connection, counting the statements sent through `execute`."""
+
+    def __init__(self, driver: psycopg.AsyncConnection[Any]) -> None:
+        self._driver = driver
+        self.sent: list[str] = []
+
+    async def execute(self, query: str, params: Any = None) -> Any:
+        self.sent.append(query)
+        return await self._driver.execute(query, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._driver, name)
+
+
+async def test_combined_statements_go_out_as_one_and_report_each_row_count(
+    engine: AsyncEngine,
+) -> None:
+    await _session(engine)
+    maker = async_sessionmaker(engine, expire_on_commit=False)
+    async with maker.begin() as db:
+        pg = await pg_direct.direct(db)
+        assert pg is not None
+        counting = _CountingDriver(pg.driver)
+        pg.driver = counting  # type: ignore[assignment]
+        # What a send writes: the claim, the user message (with `status`) and the generation
+        # (with its own `status`): the same parameter names, kept apart.
+        async with pg_direct.combined(pg):
+            won = await repo.submit_claim(pg, "s1", "g1", Decimal("0.5"), T0, count_message=True)
+            await repo.insert_message(
+                db,
+                pg,
+                session_id="s1",
+                id="m1",
+                ordinal=1,
+                role="user",
+                content="hi",
+                parts=[],
+                status="complete",
+                created_at=T0,
+            )
+            await repo.insert_generation(
+                db,
+                pg,
+                id="g1",
+                session_id="s1",
+                user_id="u1",
+                message_id="m2",
+                model="claude-sonnet-5-5",
+                status="running",
+                started_at=T0,
+            )
+            assert won.rowcount == -1 and counting.sent == []  # nothing sent yet
+        assert len(counting.sent) == 1 and won.rowcount == 1
+        async with pg_direct.combined(pg):
+            lost = await repo.submit_claim(pg, "s1", "g2", Decimal(1), T0)
+            # The next ordinal is computed in the statement: the message above is visible.
+            await repo.insert_message(
+                db,
+                pg,
+                session_id="s1",
+                id="m2",
+                role="assistant",
+                content="yo",
+                parts=[],
+                status="complete",
+                created_at=T0,
+            )
+        assert lost.rowcount == 0 and len(counting.sent) == 2
+        # A block that raises sends nothing.
+        with pytest.raises(RuntimeError):
+            async with pg_direct.combined(pg):
+                await repo.insert_message(
+                    db,
+                    pg,
+                    session_id="s1",
+                    id="m3",
+                    ordinal=3,
+                    role="user",
+                    content="no",
+                    parts=[],
+                    created_at=T0,
+                )
+                raise RuntimeError("changed its mind")
+        assert len(counting.sent) == 2
+    async with maker() as db:
+        session = await db.get(ChatSession, "s1")
+        generation = await db.get(Generation, "g1")
+        rows = (await db.execute(sa.select(ChatMessage).order_by(ChatMessage.ordinal))).scalars()
+        messages = [(m.id, m.ordinal, m.status) for m in rows]
+    assert session is not None and session.active_generation_id == "g1"
+    assert session.reserved_usd == Decimal("0.5") and session.message_count == 1
+    assert generation is not None and generation.status == "running"
+    assert messages == [("m1", 1, "complete"), ("m2", 2, "complete")]
+
+
+async def test_a_combined_statement_can_end_the_transaction_in_the_same_round_trip(
+    engine: AsyncEngine,
+) -> None:
+    await _session(engine)
+    maker = async_sessionmaker(engine, expire_on_commit=False)
+    async with maker.begin() as db:
+        pg = await pg_direct.direct(db)
+        assert pg is not None
+        async with pg_direct.combined(pg, commit=True):
+            await repo.settle_session(
+                db, "s1", cost=Decimal("0.5"), reserved=Decimal(0), now=T0, messages=2, pg=pg
+            )
+        # Committed already: another connection sees it before the session's own commit.
+        assert pg.driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        async with maker() as other:
+            session = await other.get(ChatSession, "s1")
+            assert session is not None and session.message_count == 2
+    async with maker() as db:
+        session = await db.get(ChatSession, "s1")
+    assert session is not None and session.cost_usd == Decimal("0.5")
+
+
+async def test_a_combined_statement_that_fails_is_an_sqlalchemy_error_without_parameters(
+    engine: AsyncEngine,
+) -> None:
+    await _session(engine)
+    maker = async_sessionmaker(engine)
+    secret = "the user's private words"
+    values = dict(
+        session_id="s1", id="m1", ordinal=1, role="user", content=secret, parts=[], created_at=T0
+    )
+    with pytest.raises(sa_exc.IntegrityError) as caught:
+        async with maker.begin() as db:
+            pg = await pg_direct.direct(db)
+            async with pg_direct.combined(pg):
+                await repo.insert_message(db, pg, **{**values, "id": "m0", "ordinal": 0})
+                await repo.insert_message(db, pg, **values)
+                await repo.insert_message(db, pg, **values)  # the same primary key
+    assert isinstance(caught.value.orig, psycopg.errors.UniqueViolation)
+    assert secret not in str(caught.value)
+    async with maker() as db:  # neither was written
+        count = (await db.execute(sa.select(sa.func.count()).select_from(ChatMessage))).scalar()
+    assert count == 0
 
 
 async def test_errors_are_sqlalchemy_errors_without_parameters(engine: AsyncEngine) -> None:

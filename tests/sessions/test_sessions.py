@@ -100,6 +100,10 @@ async def test_a_message_streams_and_is_persisted(
     assert kinds[0] == "RUN_STARTED" and kinds[-1] == "RUN_FINISHED"
     assert "TEXT_MESSAGE_START" in kinds and kinds[-2] == "TEXT_MESSAGE_END"
     assert all("timestamp" in e for e in events)
+    # The text's end and the run's end are one append (one write, one wake-up per reader).
+    read = await services(app).store.read(f"sessions/{sid}", 0, 10_000_000)
+    ends = [data for _, data in read.chunks if b"TEXT_MESSAGE_END" in data]
+    assert len(ends) == 1 and b"RUN_FINISHED" in ends[0]
     # What the stream says is what was persisted, word for word.
     text = text_of(events)
     persisted = "".join(p["content"] for p in assistant["parts"] if p["type"] == "text")
