@@ -97,32 +97,42 @@ def statement(stmt: ClauseElement, keys: Sequence[str] | None = None) -> DirectS
     return found
 
 
+class CheckFailed(Exception):
+    """A statement given `expect` changed another number of rows: nothing was written."""
+
+
 class _Deferred:
     """A statement's row count inside `Direct.combined()`: known once the block has ended."""
 
-    __slots__ = ("rowcount",)
+    __slots__ = ("expect", "rowcount")
 
-    def __init__(self) -> None:
+    def __init__(self, expect: int | None) -> None:
         self.rowcount = -1
+        self.expect = expect
 
 
 _PLACEHOLDER = re.compile(r"(?<!%)%\((\w+)\)s")
 # Keyed by the ids of the DirectStatements combined: those live as long as `_compiled` does.
-_combined_sql: dict[tuple[int, ...], str] = {}
+_combined_sql: dict[tuple[tuple[int, bool], ...], str] = {}
 
 
-def _combined(parts: Sequence[DirectStatement]) -> str:
+def _combined(parts: Sequence[DirectStatement], checked: Sequence[bool]) -> str:
     """One statement running `parts` (INSERT/UPDATE/DELETE): each a data-modifying WITH query
-    whose parameters are prefixed with its position, and a SELECT of their row counts."""
-    key = tuple(id(p) for p in parts)
+    whose parameters are prefixed with its position, and a SELECT of their row counts. Where
+    `checked`, the part's count must equal the parameter `c<i>`: else the SELECT divides by
+    zero, which aborts the whole statement (all data-modifying WITH queries or none)."""
+    key = tuple((id(p), c) for p, c in zip(parts, checked, strict=True))
     found = _combined_sql.get(key)
     if found is None:
         queries = [
             f"s{i} AS ({_prefixed(part.sql, f'p{i}_')} RETURNING 1)" for i, part in enumerate(parts)
         ]
         # Built only from compiled Core statements and positions: no value is ever spliced in.
-        counts = ", ".join(f"(SELECT count(*) FROM s{i})" for i in range(len(parts)))  # noqa: S608
-        found = _combined_sql[key] = f"WITH {', '.join(queries)} SELECT {counts}"
+        counts = [f"(SELECT count(*) FROM s{i})" for i in range(len(parts))]  # noqa: S608
+        checks = [f"{counts[i]} = %(c{i})s" for i, c in enumerate(checked) if c]
+        if checks:
+            counts.append(f"1 / ({' AND '.join(checks)})::int")
+        found = _combined_sql[key] = f"WITH {', '.join(queries)} SELECT {', '.join(counts)}"
     return found
 
 
@@ -144,16 +154,22 @@ class Direct:
         """Run a statement; its row count (inside `pipeline()`, -1: known only at the end)."""
         return (await self.submit(stmt, values)).rowcount
 
-    async def submit(self, stmt: DirectStatement, values: Mapping[str, Any]) -> RowCount:
+    async def submit(
+        self, stmt: DirectStatement, values: Mapping[str, Any], *, expect: int | None = None
+    ) -> RowCount:
         """Run a statement; inside `pipeline()` or `combined()` its row count is read once the
-        block has ended."""
+        block has ended. `expect` (only outside a pipeline): the number of rows it must change,
+        else CheckFailed; inside `combined()` nothing of the block is then written."""
         params = stmt.params(values)
         if self._combining is not None:
-            count = _Deferred()
+            count = _Deferred(expect)
             self._combining.append((stmt, params, count))
             return count
         async with self._translated(stmt, params):
-            return await self.driver.execute(stmt.sql, params)
+            cursor = await self.driver.execute(stmt.sql, params)
+        if expect is not None and cursor.rowcount != expect:
+            raise CheckFailed(f"{cursor.rowcount} rows changed, {expect} expected")
+        return cursor
 
     async def fetch(
         self, queries: Sequence[tuple[DirectStatement, Mapping[str, Any]]]
@@ -195,18 +211,25 @@ class Direct:
             self._combining = None
         if not parts:
             return
-        sql = _combined([stmt for stmt, _, _ in parts])
+        checked = [deferred.expect is not None for _, _, deferred in parts]
+        sql = _combined([stmt for stmt, _, _ in parts], checked)
         params = {f"p{i}_{k}": v for i, (_, p, _) in enumerate(parts) for k, v in p.items()}
-        async with self._translated(None, params):
-            if commit:
-                async with self.driver.pipeline():
+        params |= {f"c{i}": d.expect for i, (_, _, d) in enumerate(parts) if d.expect is not None}
+        try:
+            async with self._translated(None, params):
+                if commit:
+                    async with self.driver.pipeline():
+                        cursor = await self.driver.execute(sql, params)
+                        await self.driver.commit()
+                else:
                     cursor = await self.driver.execute(sql, params)
-                    await self.driver.commit()
-            else:
-                cursor = await self.driver.execute(sql, params)
-            counts = await cursor.fetchone()
+                counts = await cursor.fetchone()
+        except sa_exc.DBAPIError as exc:
+            if any(checked) and isinstance(exc.orig, psycopg.errors.DivisionByZero):
+                raise CheckFailed("a statement changed another number of rows") from None
+            raise
         assert counts is not None
-        for (_, _, deferred), count in zip(parts, counts, strict=True):
+        for (_, _, deferred), count in zip(parts, counts, strict=False):
             deferred.rowcount = int(count)
 
     @contextlib.asynccontextmanager

@@ -240,11 +240,14 @@ async def submit_claim(
     now: datetime,
     *,
     count_message: bool = False,
+    must_win: bool = False,
 ) -> RowCount:
     """`claim_generation` inside `pg_direct.pipeline()` or `combined()`: claimed when the count
-    reads 1 once the block has ended."""
+    reads 1 once the block has ended. `must_win`: a lost claim raises pg_direct.CheckFailed
+    instead (in `combined()`, with nothing of the block written)."""
     values = _claim_values(session_id, generation_id, reserve, now)
-    return await pg.submit(pg_direct.statement(_CLAIM[count_message], _CLAIM_KEYS), values)
+    stmt = pg_direct.statement(_CLAIM[count_message], _CLAIM_KEYS)
+    return await pg.submit(stmt, values, expect=1 if must_win else None)
 
 
 _CLAIM_KEYS = ("active_generation_id", "updated_at")

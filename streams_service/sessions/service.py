@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db import pg_direct
 from db.models import ChatMessage, ChatSession, Generation
-from db.pg_direct import RowCount
 from streams_service.access import budgets
 from streams_service.access.limits import MESSAGE_SEND, SESSION_CREATE, RateLimited, RateLimiter
 from streams_service.access.principal import LOCAL_ADMIN, Principal
@@ -341,44 +340,51 @@ class SessionService:
                             user_appended=appended,
                         )
                     )
-                    # The claim and both rows as one statement on Postgres.
-                    claim: RowCount | None = None
-                    async with pg_direct.combined(pg):
-                        if pg is not None:
-                            claim = await repo.submit_claim(
-                                pg, sid, generation_id, reserve, now, count_message=True
+                    # The claim and both rows as one statement on Postgres, committed in the
+                    # same round trip. Should the claim lose after all (the locked row says it
+                    # cannot), nothing is written and the send is refused as a lost claim is.
+                    try:
+                        async with pg_direct.combined(pg, commit=True):
+                            if pg is not None:
+                                await repo.submit_claim(
+                                    pg,
+                                    sid,
+                                    generation_id,
+                                    reserve,
+                                    now,
+                                    count_message=True,
+                                    must_win=True,
+                                )
+                            await repo.insert_message(
+                                db,
+                                pg,
+                                session_id=sid,
+                                id=message_id,
+                                ordinal=max((m.ordinal for m in messages), default=0) + 1,
+                                role="user",
+                                content=content,
+                                parts=parts,
+                                status="complete",
+                                client_message_id=body.client_message_id,
+                                generation_id=generation_id,
+                                created_at=now,
                             )
-                        await repo.insert_message(
-                            db,
-                            pg,
-                            session_id=sid,
-                            id=message_id,
-                            ordinal=max((m.ordinal for m in messages), default=0) + 1,
-                            role="user",
-                            content=content,
-                            parts=parts,
-                            status="complete",
-                            client_message_id=body.client_message_id,
-                            generation_id=generation_id,
-                            created_at=now,
-                        )
-                        await repo.insert_generation(
-                            db,
-                            pg,
-                            **self._running_generation(
-                                generation_id,
-                                sid,
-                                user_id,
-                                message_id,
-                                assistant_id,
-                                model,
-                                reserve,
-                                now,
-                            ),
-                        )
-                    if claim is not None and claim.rowcount != 1:
-                        # Only if the lock did not hold (it does): refuse, as a lost claim is.
-                        raise Conflict(BUSY)
+                            await repo.insert_generation(
+                                db,
+                                pg,
+                                **self._running_generation(
+                                    generation_id,
+                                    sid,
+                                    user_id,
+                                    message_id,
+                                    assistant_id,
+                                    model,
+                                    reserve,
+                                    now,
+                                ),
+                            )
+                    except pg_direct.CheckFailed:
+                        raise Conflict(BUSY) from None
         except BaseException:
             await self._abandon(handle, appended)
             raise

@@ -259,6 +259,48 @@ async def test_a_combined_statement_can_end_the_transaction_in_the_same_round_tr
     assert session is not None and session.cost_usd == Decimal("0.5")
 
 
+async def test_a_claim_that_must_win_and_loses_writes_nothing_of_its_block(
+    engine: AsyncEngine,
+) -> None:
+    await _session(engine)
+    maker = async_sessionmaker(engine, expire_on_commit=False)
+    async with maker.begin() as db:
+        pg = await pg_direct.direct(db)
+        assert pg is not None
+        claim = await repo.submit_claim(pg, "s1", "g1", Decimal(0), T0, must_win=True)
+        assert claim.rowcount == 1
+    with pytest.raises(pg_direct.CheckFailed):
+        async with maker.begin() as db:
+            pg = await pg_direct.direct(db)
+            assert pg is not None
+            async with pg_direct.combined(pg, commit=True):
+                await repo.submit_claim(
+                    pg, "s1", "g2", Decimal(1), T0, count_message=True, must_win=True
+                )
+                await repo.insert_message(
+                    db,
+                    pg,
+                    session_id="s1",
+                    id="m1",
+                    ordinal=1,
+                    role="user",
+                    content="hi",
+                    parts=[],
+                    created_at=T0,
+                )
+    # Outside a combined block the same check follows the statement.
+    with pytest.raises(pg_direct.CheckFailed):
+        async with maker.begin() as db:
+            pg = await pg_direct.direct(db)
+            assert pg is not None
+            await repo.submit_claim(pg, "s1", "g3", Decimal(1), T0, must_win=True)
+    async with maker() as db:
+        session = await db.get(ChatSession, "s1")
+        count = (await db.execute(sa.select(sa.func.count()).select_from(ChatMessage))).scalar()
+    assert session is not None and session.active_generation_id == "g1"
+    assert session.message_count == 0 and session.reserved_usd == Decimal(0) and count == 0
+
+
 async def test_a_combined_statement_that_fails_is_an_sqlalchemy_error_without_parameters(
     engine: AsyncEngine,
 ) -> None:
