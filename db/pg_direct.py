@@ -5,13 +5,18 @@ SQLAlchemy's async layer costs about 0.3 ms of CPU per statement there (a greenl
 adapted cursor, result processing), several times what psycopg itself spends on it: measured on
 this machine, a transaction locking a session and reading its messages took 2.6 ms of CPU
 through an AsyncSession and 1.1 ms with the same two statements sent on the driver connection.
-psycopg can also pipeline statements that do not wait on each other into one round trip.
+psycopg can also pipeline statements that do not wait on each other into one round trip, and
+`Direct.combined()` goes further for writes that do not read each other's effects: they are
+sent as one statement (psycopg's per-statement work, about 0.1 ms of CPU each even pipelined,
+happens once), optionally with the COMMIT in the same round trip; measured on this machine, a
+generation's four finishing writes took 1.44 ms of CPU pipelined and 1.12 to 1.19 ms combined.
 
 The statements stay SQLAlchemy Core, defined once: `DirectStatement` compiles one for psycopg
 (with the same bind processors, so a JSON value is sent as SQLAlchemy would send it), and
 `direct(db)` hands out the psycopg connection of the session's transaction, which SQLAlchemy
-still begins, commits and rolls back. Errors are raised as SQLAlchemy raises them (with the
-parameters hidden: they carry message text), so callers and error handlers see one kind.
+still begins and rolls back (and commits, unless `combined(commit=True)` did). Errors are
+raised as SQLAlchemy raises them (with the parameters hidden: they carry message text), so
+callers and error handlers see one kind.
 On SQLite, `direct` returns None and callers run the statement through the session as before.
 """
 
