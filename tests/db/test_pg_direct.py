@@ -26,6 +26,29 @@ from tests.support import PG_ADMIN_URL, postgres_database
 T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 
 
+# A generation row as a send writes it (columns left out take the model's defaults).
+RUNNING_G1: dict[str, Any] = dict(
+    id="g1",
+    session_id="s1",
+    user_id="u1",
+    message_id="m2",
+    model="claude-sonnet-5-5",
+    status="running",
+    started_at=T0,
+)
+
+
+def _message(**values: Any) -> dict[str, Any]:
+    """A message of session s1: a user's "hi" unless `values` say otherwise."""
+    return {
+        "session_id": "s1",
+        "role": "user",
+        "content": "hi",
+        "parts": [],
+        "created_at": T0,
+    } | values
+
+
 @pytest.fixture
 async def engine() -> AsyncIterator[AsyncEngine]:
     with postgres_database("chatops_direct") as url:
@@ -89,17 +112,7 @@ async def test_a_send_reads_and_writes_what_the_session_path_does(engine: AsyncE
             )
             # Columns left out get the model's defaults (tokens, cost, simulated), as they
             # would through the session.
-            await repo.insert_generation(
-                db,
-                pg,
-                id="g1",
-                session_id="s1",
-                user_id="u1",
-                message_id="m2",
-                model="claude-sonnet-5-5",
-                status="running",
-                started_at=T0,
-            )
+            await repo.insert_generation(db, pg, **RUNNING_G1)
     async with maker() as db:
         message = await db.get(ChatMessage, ("s1", "m1"))
         generation = await db.get(Generation, "g1")
@@ -170,60 +183,21 @@ async def test_combined_statements_go_out_as_one_and_report_each_row_count(
         # (with its own `status`): the same parameter names, kept apart.
         async with pg_direct.combined(pg):
             won = await repo.submit_claim(pg, "s1", "g1", Decimal("0.5"), T0, count_message=True)
-            await repo.insert_message(
-                db,
-                pg,
-                session_id="s1",
-                id="m1",
-                ordinal=1,
-                role="user",
-                content="hi",
-                parts=[],
-                status="complete",
-                created_at=T0,
-            )
-            await repo.insert_generation(
-                db,
-                pg,
-                id="g1",
-                session_id="s1",
-                user_id="u1",
-                message_id="m2",
-                model="claude-sonnet-5-5",
-                status="running",
-                started_at=T0,
-            )
+            await repo.insert_message(db, pg, **_message(id="m1", ordinal=1, status="complete"))
+            await repo.insert_generation(db, pg, **RUNNING_G1)
             assert won.rowcount == -1 and counting.sent == []  # nothing sent yet
         assert len(counting.sent) == 1 and won.rowcount == 1
         async with pg_direct.combined(pg):
             lost = await repo.submit_claim(pg, "s1", "g2", Decimal(1), T0)
             # The next ordinal is computed in the statement: the message above is visible.
             await repo.insert_message(
-                db,
-                pg,
-                session_id="s1",
-                id="m2",
-                role="assistant",
-                content="yo",
-                parts=[],
-                status="complete",
-                created_at=T0,
+                db, pg, **_message(id="m2", role="assistant", content="yo", status="complete")
             )
         assert lost.rowcount == 0 and len(counting.sent) == 2
         # A block that raises sends nothing.
         with pytest.raises(RuntimeError):
             async with pg_direct.combined(pg):
-                await repo.insert_message(
-                    db,
-                    pg,
-                    session_id="s1",
-                    id="m3",
-                    ordinal=3,
-                    role="user",
-                    content="no",
-                    parts=[],
-                    created_at=T0,
-                )
+                await repo.insert_message(db, pg, **_message(id="m3", ordinal=3, content="no"))
                 raise RuntimeError("changed its mind")
         assert len(counting.sent) == 2
     async with maker() as db:
@@ -277,17 +251,7 @@ async def test_a_claim_that_must_win_and_loses_writes_nothing_of_its_block(
                 await repo.submit_claim(
                     pg, "s1", "g2", Decimal(1), T0, count_message=True, must_win=True
                 )
-                await repo.insert_message(
-                    db,
-                    pg,
-                    session_id="s1",
-                    id="m1",
-                    ordinal=1,
-                    role="user",
-                    content="hi",
-                    parts=[],
-                    created_at=T0,
-                )
+                await repo.insert_message(db, pg, **_message(id="m1", ordinal=1))
     # Outside a combined block the same check follows the statement.
     with pytest.raises(pg_direct.CheckFailed):
         async with maker.begin() as db:

@@ -352,25 +352,35 @@ async def _wait_for_blocked_write(database_url: str) -> int:
     raise AssertionError("the timer's write never reached the database")
 
 
+async def _flush_behind_held_write(
+    writer: ChunkWriter,
+    spy: _SeqSpy,
+    database_url: str,
+    event: dict[str, Any],
+    flush: bool = False,
+) -> tuple[int, asyncio.Task[None]]:
+    """A delta the timer writes and the lock holds, then `event` emitted: the held write's
+    backend pid, and the emit's task once both writes are in the store's hands."""
+    await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="think"))
+    pid = await _wait_for_blocked_write(database_url)
+    task = asyncio.create_task(writer.emit(event, flush=flush))
+    for _ in range(500):
+        if len(spy.sent) == 2:
+            break
+        await asyncio.sleep(0.01)
+    # Sent under the next seq while the first was still waiting: not after its outcome.
+    assert spy.sent == [(0, True), (1, False)]
+    return pid, task
+
+
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_a_flush_sends_its_batch_right_behind_the_timers_write_in_flight(
     app: FastAPI, client: httpx.AsyncClient, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, writer, spy, locker = await _locked_stream_writer(app, database_url, monkeypatch)
     async with writer, locker:  # the lock goes first, whatever happens
-        await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="think"))
-        await _wait_for_blocked_write(database_url)  # the timer's write, held by the lock
-        flush = asyncio.create_task(
-            writer.emit(
-                records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="Hi"), flush=True
-            )
-        )
-        for _ in range(500):
-            if len(spy.sent) == 2:
-                break
-            await asyncio.sleep(0.01)
-        # Sent under the next seq while the first was still waiting: not after its outcome.
-        assert spy.sent == [(0, True), (1, False)]
+        first_words = records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="Hi")
+        _, flush = await _flush_behind_held_write(writer, spy, database_url, first_words, True)
         assert writer.appends == 0 and not flush.done()
         await locker.rollback()
         await asyncio.wait_for(flush, timeout=10)
@@ -385,16 +395,8 @@ async def test_when_the_write_ahead_fails_both_are_retried_in_order_under_their_
 ) -> None:
     path, writer, spy, locker = await _locked_stream_writer(app, database_url, monkeypatch)
     async with writer, locker:  # the lock goes first, whatever happens
-        await writer.emit(records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="think"))
-        pid = await _wait_for_blocked_write(database_url)
-        flush = asyncio.create_task(
-            writer.emit(records.event("TEXT_MESSAGE_END", messageId="m1"))  # writes at once
-        )
-        for _ in range(500):
-            if len(spy.sent) == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert spy.sent == [(0, True), (1, False)]
+        end = records.event("TEXT_MESSAGE_END", messageId="m1")  # written at once
+        pid, flush = await _flush_behind_held_write(writer, spy, database_url, end)
         # The first write's connection dies (a database restart, a failover): it fails, and
         # the one behind it cannot land before it (a sequence gap, or the same outage).
         async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as kill:
