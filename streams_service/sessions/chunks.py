@@ -40,9 +40,9 @@ _MERGEABLE = {
 
 
 # Ticks of the shared timer per flush interval: a batch is written at the last tick before it
-# is one interval old, so it waits between 3/4 of an interval and one. More ticks write closer
-# to the deadline but wake the loop more often; fewer spread the writes over fewer, larger
-# bursts.
+# is one interval old, so with two ticks it waits between half an interval and one. More ticks
+# write closer to the deadline but wake the loop more often; fewer spread the writes over
+# fewer, larger bursts.
 TICKS_PER_INTERVAL = 2
 # From a sleeping generation's tick, where its socket starts being read again, to waking it: the
 # loop's next look at its sockets receives what waited in the kernel, so the woken generation
