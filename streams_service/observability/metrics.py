@@ -81,6 +81,14 @@ class Metrics:
             ["limit"],
             registry=r,
         )
+        self.early_starts = Counter(
+            "chatops_send_early_starts",
+            "Sends that called Claude before reading the session, from what this process knew "
+            "of its conversation (sessions/memo.py), by outcome: confirmed by the read, or "
+            "abandoned before any token because the session had changed.",
+            ["outcome"],
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "chatops_event_loop_lag_seconds",
             "How late the event loop ran a timer, sampled every 0.5 s. Every request, "
@@ -167,6 +175,9 @@ class Metrics:
 
     def observe_rate_limited(self, limit: str) -> None:
         self.rate_limited.labels(limit).inc()
+
+    def observe_early_start(self, confirmed: bool) -> None:
+        self.early_starts.labels("confirmed" if confirmed else "abandoned").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -34,6 +34,10 @@ class Telemetry:
         """A user message was accepted (its length is all that leaves the service)."""
         self.analytics.message_sent(session_id, user_id, "user", len(content))
 
+    def early_start(self, confirmed: bool) -> None:
+        """A send called Claude before reading the session; the read confirmed it or not."""
+        self.metrics.observe_early_start(confirmed)
+
     def session_ended(
         self,
         session_id: str,

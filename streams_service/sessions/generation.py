@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -44,6 +45,7 @@ from streams_service.ops.error_events import generation_error
 from streams_service.sessions import records
 from streams_service.sessions import repository as repo
 from streams_service.sessions.chunks import STORAGE_RETRY_S, ChunkWriter, Flusher
+from streams_service.sessions.memo import Memo, Memos, StoredRow
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +84,13 @@ class GenerationSpec:
     # write), but nothing is written to the stream until this resolves, so the answer always
     # follows the question.
     user_appended: asyncio.Future[str] | None = None
+    # A generation started before its send has read the session (from a memo, sessions/memo.py)
+    # reads nothing from upstream until the send confirms the guess and has set the budget
+    # fields above; abandoned instead if the guess was wrong.
+    confirmed: asyncio.Future[None] | None = None
+    # The conversation up to and including the user message: with the answer, once it is
+    # saved, what the session's next send will read (its memo).
+    memo: Memo | None = None
 
     @property
     def user_offset(self) -> str | None:
@@ -180,6 +189,8 @@ class GenerationManager:
         # Metrics, analytics and error reports (streams_service/observability/).
         self.telemetry = telemetry or Telemetry()
         self.running: dict[str, Handle] = {}
+        # Sessions whose next send can call Claude before reading them (sessions/memo.py).
+        self.memos = Memos()
         # One timer writes every generation's pending deltas (sessions/chunks.py).
         self.flusher = Flusher(self.flush_interval_s)
         # Called after a session's first exchange completes (titles); set by the session layer.
@@ -199,6 +210,7 @@ class GenerationManager:
 
     def start(self, spec: GenerationSpec) -> Handle:
         handle = Handle(spec)
+        self.memos.take(spec.session_id)  # this generation changes the conversation
         if self.interrupting:
             handle.stop_reason = "interrupted"
         handle.displaced = self.running.get(spec.session_id)
@@ -413,6 +425,8 @@ class _Runner:
             params["thinking"] = thinking
         stall = self.settings.generation_stall_timeout_s
         async with stream_message(self.m.client, params, stall_s=stall) as stream:
+            if spec.confirmed is not None:
+                await spec.confirmed  # a guess of the send's: see GenerationSpec.confirmed
             self.ratelimit = {
                 k: v for k, v in stream.headers.items() if k.startswith(RATELIMIT_PREFIX)
             }
@@ -879,6 +893,10 @@ class _Runner:
                 error=type(exc).__name__,
             )
             return False
+        if spec.memo is not None and message_status == "complete":
+            answer = StoredRow("assistant", text, parts, message_status, -1)
+            memo = dataclasses.replace(spec.memo, rows=(*spec.memo.rows, answer))
+            self.m.memos.put(spec.session_id, memo)
         return True
 
     async def _persisted(self) -> bool:

@@ -39,6 +39,7 @@ from streams_service.sessions import attachments, records
 from streams_service.sessions import repository as repo
 from streams_service.sessions.control import ControlBus
 from streams_service.sessions.generation import GenerationManager, GenerationSpec, Handle
+from streams_service.sessions.memo import Memo, StoredRow
 from streams_service.sessions.schemas import CreateSession, SendAccepted, SendMessage
 
 Access = Literal["read", "manage", "own"]
@@ -273,6 +274,12 @@ class SessionService:
         appended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         handle: Handle | None = None
         try:
+            # Claude first when this process knows the conversation (sessions/memo.py): the
+            # request is on the wire during the session read below, which confirms it.
+            handle = await self._start_early(
+                sid, who, body, model, generation_id, assistant_id, message_id, appended
+            )
+            counted = handle is not None  # the rate limit has counted this send
             async with self.sessionmaker.begin() as db:
                 pg = await pg_direct.direct(db)
                 # The session row stays locked (Postgres) until this commits: a generation that
@@ -283,24 +290,38 @@ class SessionService:
                     db, sid, body.client_message_id, pg
                 )
                 row = _check_visible(found, who, "own", False)
+                model = model or self.catalog.get(row.model) or self.catalog.default_model
+                history = None
+                if row.active_generation_id is None:
+                    history = build_history(messages)
+                    history.append(
+                        {"role": "user", "content": attachments.user_blocks(content, images)}
+                    )
+                if handle is not None:
+                    early = handle.spec
+                    confirmed = (
+                        row.earlier_message_id is None
+                        and row.ended_at is None
+                        and history == early.history
+                        and model == early.model
+                        and (row.message_count > 0 or bool(row.title))  # not a first exchange
+                    )
+                    self.telemetry.early_start(confirmed)
+                    if not confirmed:
+                        handle, appended = await self._abandon_early(handle)
                 if row.earlier_message_id is not None:
                     assert body.client_message_id is not None
                     earlier = await repo.message_by_client_id(db, sid, body.client_message_id)
                     if earlier is not None:
                         return await self._repeat_send(earlier)
-                if not who.is_system:
+                if not who.is_system and not counted:
                     await self.limiter.hit(
                         MESSAGE_SEND, sid, user_id=user_id, session_id=sid, record=False
                     )
                 if row.ended_at is not None:
                     raise Conflict("this session has ended; fork it to continue")
                 claimed = False
-                model = model or self.catalog.get(row.model) or self.catalog.default_model
-                if row.active_generation_id is None:
-                    history = build_history(messages)
-                    history.append(
-                        {"role": "user", "content": attachments.user_blocks(content, images)}
-                    )
+                if history is not None:
                     remaining, reserve = await self._budget(db, row, who, model, history, now)
                     if pg is None:
                         # Still conditional: SQLite takes no row lock, and a racing send must
@@ -314,32 +335,57 @@ class SessionService:
                         # inserts below, a round trip fewer before the upstream request.
                         claimed = True
                 if not claimed:
+                    if handle is not None:  # SQLite: a racing send claimed it first
+                        handle, appended = await self._abandon_early(handle)
                     retry_after = self.generations.finishing(sid)
                     if retry_after is None:
                         raise Conflict(BUSY)
                 else:
-                    # Claimed and reserved, so this send runs: its upstream request goes out
-                    # now, and the rest of this transaction and the user message's append
-                    # happen during Claude's time to first token instead of before it. The
-                    # generation writes nothing to the stream until `appended` resolves, and is
-                    # abandoned if either fails.
-                    handle = self.generations.start(
-                        GenerationSpec(
-                            generation_id=generation_id,
-                            session_id=sid,
-                            user_id=user_id,
-                            message_id=assistant_id,
-                            model=model,
-                            history=history,
-                            stream_path=stream_path(sid),
-                            budget_remaining=remaining,
-                            reserved_usd=reserve,
-                            is_first_exchange=row.message_count == 0 and not row.title,
-                            first_user_text=content,
-                            user_message_id=message_id,
-                            user_appended=appended,
+                    assert history is not None
+                    ordinal = max((m.ordinal for m in messages), default=0) + 1
+                    # What the next send will read, once this answer is saved (not kept with
+                    # attachments: the memo would hold their data).
+                    memo = (
+                        None
+                        if images
+                        else Memo(
+                            user_id,
+                            row.model,
+                            (*messages, StoredRow("user", content, parts, "complete", ordinal)),
+                            body.client_message_id,
                         )
                     )
+                    if handle is not None:
+                        # Started early and confirmed: it may read from upstream now.
+                        handle.spec.budget_remaining = remaining
+                        handle.spec.reserved_usd = reserve
+                        handle.spec.memo = memo
+                        assert handle.spec.confirmed is not None
+                        handle.spec.confirmed.set_result(None)
+                    else:
+                        # Claimed and reserved, so this send runs: its upstream request goes
+                        # out now, and the rest of this transaction and the user message's
+                        # append happen during Claude's time to first token instead of before
+                        # it. The generation writes nothing to the stream until `appended`
+                        # resolves, and is abandoned if either fails.
+                        handle = self.generations.start(
+                            GenerationSpec(
+                                generation_id=generation_id,
+                                session_id=sid,
+                                user_id=user_id,
+                                message_id=assistant_id,
+                                model=model,
+                                history=history,
+                                stream_path=stream_path(sid),
+                                budget_remaining=remaining,
+                                reserved_usd=reserve,
+                                is_first_exchange=row.message_count == 0 and not row.title,
+                                first_user_text=content,
+                                user_message_id=message_id,
+                                user_appended=appended,
+                                memo=memo,
+                            )
+                        )
                     # The claim and both rows as one statement on Postgres, committed in the
                     # same round trip. Should the claim lose after all (the locked row says it
                     # cannot), nothing is written and the send is refused as a lost claim is.
@@ -360,7 +406,7 @@ class SessionService:
                                 pg,
                                 session_id=sid,
                                 id=message_id,
-                                ordinal=max((m.ordinal for m in messages), default=0) + 1,
+                                ordinal=ordinal,
                                 role="user",
                                 content=content,
                                 parts=parts,
@@ -416,6 +462,63 @@ class SessionService:
         appended.set_result(offset)
         self.telemetry.message_sent(sid, user_id, content)
         return SendAccepted(message_id=message_id, generation_id=generation_id, offset=offset)
+
+    async def _start_early(
+        self,
+        sid: str,
+        who: Principal,
+        body: SendMessage,
+        model: ModelInfo | None,
+        generation_id: str,
+        assistant_id: str,
+        message_id: str,
+        appended: asyncio.Future[str],
+    ) -> Handle | None:
+        """The send's generation, started before the session is read, from the memo of its
+        previous exchange here (sessions/memo.py); None without a usable one. It reads nothing
+        from upstream until the send confirms it (GenerationSpec.confirmed) and is abandoned if
+        the read disagrees. Counts the send against the rate limit first, as the send would:
+        a refused send must not reach Claude."""
+        if self.generations.running.get(sid) is not None or body.attachments:
+            return None
+        cid = body.client_message_id
+        memo = self.generations.memos.take(
+            sid,
+            # Not another user's send (the read answers 404), nor a retry of the send that
+            # left the memo (the read finds it answered): both leave it for the next send.
+            lambda m: m.user_id == who.user_id and (cid is None or cid != m.client_message_id),
+        )
+        if memo is None:
+            return None
+        if not who.is_system:
+            await self.limiter.hit(
+                MESSAGE_SEND, sid, user_id=who.user_id, session_id=sid, record=False
+            )
+        history = build_history(memo.rows)
+        history.append({"role": "user", "content": attachments.user_blocks(body.content, [])})
+        return self.generations.start(
+            GenerationSpec(
+                generation_id=generation_id,
+                session_id=sid,
+                user_id=who.user_id,
+                message_id=assistant_id,
+                model=model or self.catalog.get(memo.model) or self.catalog.default_model,
+                history=history,
+                stream_path=stream_path(sid),
+                budget_remaining=None,  # set by the send once confirmed
+                reserved_usd=Decimal(0),
+                first_user_text=body.content,
+                user_message_id=message_id,
+                user_appended=appended,
+                confirmed=asyncio.get_running_loop().create_future(),
+            )
+        )
+
+    async def _abandon_early(self, handle: Handle) -> tuple[None, asyncio.Future[str]]:
+        """Abandon a generation started early (before any token) and give the send a fresh
+        `appended`: cancelling the abandoned one cancelled the future it waited on."""
+        await self.generations.abandon(handle)
+        return None, asyncio.get_running_loop().create_future()
 
     async def _abandon(self, handle: Handle | None, appended: asyncio.Future[str]) -> None:
         """A send failed after its generation started: end that generation, which has written
