@@ -893,7 +893,14 @@ class _Runner:
                 error=type(exc).__name__,
             )
             return False
-        if spec.memo is not None and message_status == "complete":
+        left = None if spec.budget_remaining is None else spec.budget_remaining - cost
+        # No memo when what is left would not cover this answer's reservation again: the next
+        # send could be refused (402) after its early upstream request went out.
+        if (
+            spec.memo is not None
+            and message_status == "complete"
+            and (left is None or left > spec.reserved_usd)
+        ):
             answer = StoredRow("assistant", text, parts, message_status, -1)
             memo = dataclasses.replace(spec.memo, rows=(*spec.memo.rows, answer))
             self.m.memos.put(spec.session_id, memo)

@@ -213,3 +213,26 @@ async def test_no_early_start_reaches_claude_for_a_refused_send(make_app: AppFac
     assert [m["role"] for m in session["messages"]] == ["user", "assistant"] * 2
     assert value(metrics, EARLY, outcome="confirmed") == 1
     assert value(metrics, EARLY, outcome="abandoned") == 0
+
+
+async def test_a_session_near_its_budget_is_not_started_early(make_app: AppFactory) -> None:
+    async with make_app() as (app, client):
+        # $0.03: less than one answer's full reservation (~$0.04), so each send reserves all
+        # that is left, and what an answer leaves never covers that again.
+        sid = await new_session(client, title="budget", budget_usd="0.03")
+        await send(client, sid, "one [[tokens:4]]")
+        await wait_idle(client, sid)
+        assert len(services(app).generations.memos) == 0
+        await send(client, sid, "two [[tokens:4]]")
+        session = await wait_idle(client, sid)
+        # Without a cap the same exchange leaves a memo, and the next send starts early.
+        free = await new_session(client, title="no cap")
+        await send(client, free, "one [[tokens:4]]")
+        await wait_idle(client, free)
+        assert len(services(app).generations.memos) == 1
+        await send(client, free, "two [[tokens:4]]")
+        await wait_idle(client, free)
+        metrics = await scrape(client)
+    assert [m["role"] for m in session["messages"]] == ["user", "assistant"] * 2
+    assert value(metrics, EARLY, outcome="confirmed") == 1
+    assert value(metrics, EARLY, outcome="abandoned") == 0
