@@ -280,6 +280,11 @@ class SessionService:
                 sid, who, body, model, generation_id, assistant_id, message_id, appended
             )
             counted = handle is not None  # the rate limit has counted this send
+            if handle is not None:
+                # One loop turn: the upstream task builds and sends its request now, before
+                # this send's database work (which it does not need, and which then overlaps
+                # Claude's time to first token) rather than after it.
+                await asyncio.sleep(0)
             async with self.sessionmaker.begin() as db:
                 pg = await pg_direct.direct(db)
                 # The session row stays locked (Postgres) until this commits: a generation that
