@@ -18,8 +18,9 @@ import pytest
 from sqlalchemy import create_engine, inspect
 
 from db.engine import normalize_database_url, sync_url
-from streams_service.app import GC_YOUNG_THRESHOLD, GIL_SWITCH_INTERVAL_S, create_app
+from streams_service.app import create_app
 from streams_service.config import Settings
+from streams_service.heap import GC_YOUNG_THRESHOLD, GIL_SWITCH_INTERVAL_S
 from tests.support import REPO_ROOT, chatops_bin, free_port, migrate, postgres_database, terminate
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -57,6 +58,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+
+from streams_service.heap import freeze_startup_heap
 
 __all__ = [
     "FAULTS",
@@ -1433,7 +1436,11 @@ async def _stats(request: Request) -> Response:
     """Not part of the API: lets tests and benchmarks see load and leaked responses."""
     state = _state(request)
     return JSONResponse(
-        {"requests_total": state.requests_total, "active_responses": state.active_responses}
+        {
+            "requests_total": state.requests_total,
+            "active_responses": state.active_responses,
+            "gc_frozen_objects": gc.get_freeze_count(),
+        }
     )
 
 
@@ -1546,6 +1553,11 @@ def serve_simulator(
 ) -> None:
     """Run the simulator standalone until SIGINT/SIGTERM (`chatops simulator`)."""
     app = create_simulator_app(config)
+    # Its own process, serving load as the service does: the same collector tuning. Without
+    # it a full collection stopped every stream it served for ~65 ms every ~20 s at 50 streams
+    # of 100 tokens/s, and each showed up in the time to first token of whoever was waiting
+    # (docs/BENCHMARKS.md, session 12): a stall the real API does not have.
+    freeze_startup_heap()
     server_config = uvicorn.Config(
         app,
         host=host,

@@ -966,7 +966,7 @@ async def test_cli_serves_standalone() -> None:
             while True:
                 assert process.poll() is None, process.stderr.read() if process.stderr else ""
                 try:
-                    await probe.get("/_simulator/stats")
+                    stats = (await probe.get("/_simulator/stats")).json()
                     break
                 except httpx.TransportError:
                     assert time.monotonic() < deadline, "chatops simulator did not start"
@@ -976,6 +976,9 @@ async def test_cli_serves_standalone() -> None:
 
         assert final.usage.output_tokens == 7
         assert final.stop_reason == "end_turn"
+        # Its own process: the start-up heap is frozen as the service's is (streams_service/
+        # heap.py), so full collections do not stall every stream it serves.
+        assert stats["gc_frozen_objects"] > 10_000
     finally:
         process.terminate()
         try:
