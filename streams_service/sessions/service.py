@@ -311,7 +311,6 @@ class SessionService:
                         and model == early.model
                         and (row.message_count > 0 or bool(row.title))  # not a first exchange
                     )
-                    self.telemetry.early_start(confirmed)
                     if not confirmed:
                         handle, appended = await self._abandon_early(handle)
                 if row.earlier_message_id is not None:
@@ -367,6 +366,7 @@ class SessionService:
                         handle.spec.memo = memo
                         assert handle.spec.confirmed is not None
                         handle.spec.confirmed.set_result(None)
+                        self.telemetry.early_start(True)
                     else:
                         # Claimed and reserved, so this send runs: its upstream request goes
                         # out now, and the rest of this transaction and the user message's
@@ -522,6 +522,7 @@ class SessionService:
     async def _abandon_early(self, handle: Handle) -> tuple[None, asyncio.Future[str]]:
         """Abandon a generation started early (before any token) and give the send a fresh
         `appended`: cancelling the abandoned one cancelled the future it waited on."""
+        self.telemetry.early_start(False)
         await self.generations.abandon(handle)
         return None, asyncio.get_running_loop().create_future()
 
@@ -530,6 +531,9 @@ class SessionService:
         nothing (its first write waits for `appended`, cancelled here) and saves nothing."""
         appended.cancel()
         if handle is not None:
+            confirmed = handle.spec.confirmed
+            if confirmed is not None and not confirmed.done():  # early, refused unconfirmed
+                self.telemetry.early_start(False)
             await self.generations.abandon(handle)
 
     async def _repeat_send(self, earlier: ChatMessage) -> SendAccepted:

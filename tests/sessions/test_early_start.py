@@ -236,3 +236,28 @@ async def test_a_session_near_its_budget_is_not_started_early(make_app: AppFacto
     assert [m["role"] for m in session["messages"]] == ["user", "assistant"] * 2
     assert value(metrics, EARLY, outcome="confirmed") == 1
     assert value(metrics, EARLY, outcome="abandoned") == 0
+
+
+async def test_an_early_start_for_an_ended_or_deleted_session_is_refused_and_counted(
+    make_app: AppFactory,
+) -> None:
+    async with make_app() as (app, client):
+        ended = await new_session(client, title="ended")
+        deleted = await new_session(client, title="deleted")
+        for sid in (ended, deleted):
+            await send(client, sid, "one [[tokens:4]]")
+            await wait_idle(client, sid)
+        assert len(services(app).generations.memos) == 2
+        assert (await client.post(f"/v1/sessions/{ended}/end")).status_code == 200
+        assert (await client.delete(f"/v1/sessions/{deleted}")).status_code == 200
+        refused = await client.post(f"/v1/sessions/{ended}/messages", json={"content": "two"})
+        gone = await client.post(f"/v1/sessions/{deleted}/messages", json={"content": "two"})
+        metrics = await scrape(client)
+        records = await stream_records(client, ended)
+    assert refused.status_code == 409 and gone.status_code == 404
+    # Each was started early (the memo knew them) and abandoned when the read refused it:
+    # nothing of it reached the stream.
+    assert value(metrics, EARLY, outcome="abandoned") == 2
+    assert value(metrics, EARLY, outcome="confirmed") == 0
+    runs = [r["value"]["chunk"] for r in records if r.get("type") == "chunk"]
+    assert sum('"RUN_STARTED"' in c for c in runs) == 1
