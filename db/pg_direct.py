@@ -156,15 +156,15 @@ class Direct:
         self._combining: list[tuple[DirectStatement, dict[str, Any], _Deferred]] | None = None
 
     async def execute(self, stmt: DirectStatement, values: Mapping[str, Any]) -> int:
-        """Run a statement; its row count (inside `pipeline()`, -1: known only at the end)."""
+        """Run a statement; its row count (inside `combined()`, -1: known only at the end)."""
         return (await self.submit(stmt, values)).rowcount
 
     async def submit(
         self, stmt: DirectStatement, values: Mapping[str, Any], *, expect: int | None = None
     ) -> RowCount:
-        """Run a statement; inside `pipeline()` or `combined()` its row count is read once the
-        block has ended. `expect` (only outside a pipeline): the number of rows it must change,
-        else CheckFailed; inside `combined()` nothing of the block is then written."""
+        """Run a statement; inside `combined()` its row count is read once the block has ended.
+        `expect`: the number of rows it must change, else CheckFailed; inside `combined()`
+        nothing of the block is then written."""
         params = stmt.params(values)
         if self._combining is not None:
             count = _Deferred(expect)
@@ -188,12 +188,6 @@ class Direct:
                     await cursor.execute(stmt.sql, stmt.params(values))
                     cursors.append(cursor)
             return [await cursor.fetchall() for cursor in cursors]
-
-    @contextlib.asynccontextmanager
-    async def pipeline(self) -> AsyncIterator[None]:
-        """Statements executed inside go out together, in one round trip at the end."""
-        async with self._translated(None, {}), self.driver.pipeline():
-            yield
 
     @contextlib.asynccontextmanager
     async def combined(self, *, commit: bool = False) -> AsyncIterator[None]:
@@ -249,7 +243,7 @@ class Direct:
             # the pool's connections older than it, which are replaced on their next checkout.
             disconnect = self.driver.closed or self.driver.broken
             raise sa_exc.DBAPIError.instance(
-                stmt.sql if stmt is not None else "(pipeline)",
+                stmt.sql if stmt is not None else "(combined statement)",
                 dict(params),
                 orig,
                 psycopg.Error,
@@ -257,11 +251,6 @@ class Direct:
                 connection_invalidated=disconnect,
                 dialect=self._conn.dialect,
             ) from orig
-
-
-def pipeline(pg: Direct | None) -> contextlib.AbstractAsyncContextManager[None]:
-    """`pg.pipeline()`, or nothing to do without a driver connection (SQLite)."""
-    return pg.pipeline() if pg is not None else contextlib.nullcontext()
 
 
 def combined(

@@ -112,7 +112,7 @@ async def _run(
     keys: Sequence[str] | None = None,
 ) -> int:
     """Execute a Core statement, on the driver connection when there is one; its row count
-    (-1 when unknown: inside a pipeline or a combined statement)."""
+    (-1 when unknown: inside a combined statement)."""
     if pg is not None:
         return await pg.execute(pg_direct.statement(stmt, keys), values)
     result = await db.execute(stmt, values)
@@ -242,8 +242,8 @@ async def submit_claim(
     count_message: bool = False,
     must_win: bool = False,
 ) -> RowCount:
-    """`claim_generation` inside `pg_direct.pipeline()` or `combined()`: claimed when the count
-    reads 1 once the block has ended. `must_win`: a lost claim raises pg_direct.CheckFailed
+    """`claim_generation` inside `pg_direct.combined()`: claimed when the count reads 1 once
+    the block has ended. `must_win`: a lost claim raises pg_direct.CheckFailed
     instead (in `combined()`, with nothing of the block written)."""
     values = _claim_values(session_id, generation_id, reserve, now)
     stmt = pg_direct.statement(_CLAIM[count_message], _CLAIM_KEYS)

@@ -5,6 +5,7 @@ dead connection invalidated so the pool recovers."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -13,7 +14,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from db import pg_direct
 from db.engine import create_engine
@@ -78,6 +79,17 @@ async def _session(engine: AsyncEngine, sid: str = "s1") -> None:
         )
 
 
+@asynccontextmanager
+async def _transaction(
+    maker: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[tuple[AsyncSession, pg_direct.Direct]]:
+    """A session transaction and its driver connection (Postgres: always there)."""
+    async with maker.begin() as db:
+        pg = await pg_direct.direct(db)
+        assert pg is not None
+        yield db, pg
+
+
 async def test_a_send_reads_and_writes_what_the_session_path_does(engine: AsyncEngine) -> None:
     await _session(engine)
     maker = async_sessionmaker(engine, expire_on_commit=False)
@@ -97,7 +109,7 @@ async def test_a_send_reads_and_writes_what_the_session_path_does(engine: AsyncE
         )
         # Claimed already: a second claim in the same session loses.
         assert not await repo.claim_generation(db, "s1", "g2", Decimal(1), T0, pg=pg)
-        async with pg_direct.pipeline(pg):
+        async with pg_direct.combined(pg):
             await repo.insert_message(
                 db,
                 pg,
@@ -124,8 +136,7 @@ async def test_a_send_reads_and_writes_what_the_session_path_does(engine: AsyncE
     assert session is not None and session.active_generation_id == "g1"
     assert session.reserved_usd == Decimal("0.25") and session.message_count == 1
 
-    async with maker.begin() as db:
-        pg = await pg_direct.direct(db)
+    async with _transaction(maker) as (db, pg):
         row, history = await repo.send_row_and_history(db, "s1", "c1", pg)
         assert row is not None and row.earlier_message_id == "m1"
         assert [(m.role, m.parts, m.ordinal) for m in history] == [("user", parts, 1)]
@@ -133,19 +144,17 @@ async def test_a_send_reads_and_writes_what_the_session_path_does(engine: AsyncE
         assert missing is None and nothing == []
 
 
-async def test_a_claim_in_a_pipeline_reports_whether_it_won_once_the_pipeline_ends(
+async def test_a_claim_in_a_combined_block_reports_whether_it_won_once_the_block_ends(
     engine: AsyncEngine,
 ) -> None:
     await _session(engine)
     maker = async_sessionmaker(engine, expire_on_commit=False)
-    async with maker.begin() as db:
-        pg = await pg_direct.direct(db)
-        assert pg is not None
-        async with pg_direct.pipeline(pg):
+    async with _transaction(maker) as (db, pg):
+        async with pg_direct.combined(pg):
             won = await repo.submit_claim(pg, "s1", "g1", Decimal("0.5"), T0, count_message=True)
             assert won.rowcount == -1  # not known until the round trip
         assert won.rowcount == 1
-        async with pg_direct.pipeline(pg):
+        async with pg_direct.combined(pg):
             lost = await repo.submit_claim(pg, "s1", "g2", Decimal(1), T0)
         assert lost.rowcount == 0
     async with maker() as db:
@@ -174,9 +183,7 @@ async def test_combined_statements_go_out_as_one_and_report_each_row_count(
 ) -> None:
     await _session(engine)
     maker = async_sessionmaker(engine, expire_on_commit=False)
-    async with maker.begin() as db:
-        pg = await pg_direct.direct(db)
-        assert pg is not None
+    async with _transaction(maker) as (db, pg):
         counting = _CountingDriver(pg.driver)
         pg.driver = counting  # type: ignore[assignment]
         # What a send writes: the claim, the user message (with `status`) and the generation
@@ -216,9 +223,7 @@ async def test_a_combined_statement_can_end_the_transaction_in_the_same_round_tr
 ) -> None:
     await _session(engine)
     maker = async_sessionmaker(engine, expire_on_commit=False)
-    async with maker.begin() as db:
-        pg = await pg_direct.direct(db)
-        assert pg is not None
+    async with _transaction(maker) as (db, pg):
         async with pg_direct.combined(pg, commit=True):
             await repo.settle_session(
                 db, "s1", cost=Decimal("0.5"), reserved=Decimal(0), now=T0, messages=2, pg=pg
@@ -238,25 +243,18 @@ async def test_a_claim_that_must_win_and_loses_writes_nothing_of_its_block(
 ) -> None:
     await _session(engine)
     maker = async_sessionmaker(engine, expire_on_commit=False)
-    async with maker.begin() as db:
-        pg = await pg_direct.direct(db)
-        assert pg is not None
+    async with _transaction(maker) as (db, pg):
         claim = await repo.submit_claim(pg, "s1", "g1", Decimal(0), T0, must_win=True)
         assert claim.rowcount == 1
     with pytest.raises(pg_direct.CheckFailed):
-        async with maker.begin() as db:
-            pg = await pg_direct.direct(db)
-            assert pg is not None
-            async with pg_direct.combined(pg, commit=True):
-                await repo.submit_claim(
-                    pg, "s1", "g2", Decimal(1), T0, count_message=True, must_win=True
-                )
-                await repo.insert_message(db, pg, **_message(id="m1", ordinal=1))
+        async with _transaction(maker) as (db, pg), pg_direct.combined(pg, commit=True):
+            await repo.submit_claim(
+                pg, "s1", "g2", Decimal(1), T0, count_message=True, must_win=True
+            )
+            await repo.insert_message(db, pg, **_message(id="m1", ordinal=1))
     # Outside a combined block the same check follows the statement.
     with pytest.raises(pg_direct.CheckFailed):
-        async with maker.begin() as db:
-            pg = await pg_direct.direct(db)
-            assert pg is not None
+        async with _transaction(maker) as (db, pg):
             await repo.submit_claim(pg, "s1", "g3", Decimal(1), T0, must_win=True)
     async with maker() as db:
         session = await db.get(ChatSession, "s1")
@@ -275,12 +273,10 @@ async def test_a_combined_statement_that_fails_is_an_sqlalchemy_error_without_pa
         session_id="s1", id="m1", ordinal=1, role="user", content=secret, parts=[], created_at=T0
     )
     with pytest.raises(sa_exc.IntegrityError) as caught:
-        async with maker.begin() as db:
-            pg = await pg_direct.direct(db)
-            async with pg_direct.combined(pg):
-                await repo.insert_message(db, pg, **{**values, "id": "m0", "ordinal": 0})
-                await repo.insert_message(db, pg, **values)
-                await repo.insert_message(db, pg, **values)  # the same primary key
+        async with _transaction(maker) as (db, pg), pg_direct.combined(pg):
+            await repo.insert_message(db, pg, **{**values, "id": "m0", "ordinal": 0})
+            await repo.insert_message(db, pg, **values)
+            await repo.insert_message(db, pg, **values)  # the same primary key
     assert isinstance(caught.value.orig, psycopg.errors.UniqueViolation)
     assert secret not in str(caught.value)
     async with maker() as db:  # neither was written
@@ -295,15 +291,11 @@ async def test_errors_are_sqlalchemy_errors_without_parameters(engine: AsyncEngi
     values = dict(
         session_id="s1", id="m1", ordinal=1, role="user", content=secret, parts=[], created_at=T0
     )
-    async with maker.begin() as db:
-        pg = await pg_direct.direct(db)
-        assert pg is not None
+    async with _transaction(maker) as (db, pg):
         await repo.insert_message(db, pg, **values)
     with pytest.raises(sa_exc.IntegrityError) as caught:
-        async with maker.begin() as db:
-            pg = await pg_direct.direct(db)
-            async with pg_direct.pipeline(pg):
-                await repo.insert_message(db, pg, **values)  # the same primary key
+        async with _transaction(maker) as (db, pg), pg_direct.combined(pg):
+            await repo.insert_message(db, pg, **values)  # the same primary key
     assert isinstance(caught.value.orig, psycopg.errors.UniqueViolation)
     assert secret not in str(caught.value)
     # Rolled back as a whole, and the pool's connection is usable again.
@@ -317,21 +309,16 @@ async def test_a_dead_connection_is_invalidated_and_the_next_transaction_works(
 ) -> None:
     await _session(engine)
     maker = async_sessionmaker(engine)
-    async with maker.begin() as db:
-        pg = await pg_direct.direct(db)
-        assert pg is not None
+    async with _transaction(maker) as (db, pg):
         backend = (await (await pg.driver.execute("SELECT pg_backend_pid()")).fetchone() or [0])[0]
     # The server ends that connection while it sits in the pool (a restart, a failover).
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
     with pytest.raises(sa_exc.OperationalError) as caught:
-        async with maker.begin() as db:
-            pg = await pg_direct.direct(db)
-            assert pg is not None
+        async with _transaction(maker) as (db, pg):
             await repo.send_row_and_history(db, "s1", None, pg)
     assert caught.value.connection_invalidated
-    async with maker.begin() as db:
-        pg = await pg_direct.direct(db)
+    async with _transaction(maker) as (db, pg):
         row, _ = await repo.send_row_and_history(db, "s1", None, pg)
     assert row is not None and row.id == "s1"
 
