@@ -298,10 +298,7 @@ class SessionService:
                 model = model or self.catalog.get(row.model) or self.catalog.default_model
                 history = None
                 if row.active_generation_id is None:
-                    history = build_history(messages)
-                    history.append(
-                        {"role": "user", "content": attachments.user_blocks(content, images)}
-                    )
+                    history = _conversation(messages, content, images)
                 if handle is not None:
                     early = handle.spec
                     confirmed = (
@@ -499,8 +496,7 @@ class SessionService:
             await self.limiter.hit(
                 MESSAGE_SEND, sid, user_id=who.user_id, session_id=sid, record=False
             )
-        history = build_history(memo.rows)
-        history.append({"role": "user", "content": attachments.user_blocks(body.content, [])})
+        history = _conversation(memo.rows, body.content, [])
         return self.generations.start(
             GenerationSpec(
                 generation_id=generation_id,
@@ -909,6 +905,15 @@ class SessionService:
         await self._publish_session(fork_row)
         self.telemetry.session_started(new_id, fork_row.model, user_id)
         return self.session_out(fork_row)
+
+
+def _conversation(
+    messages: Sequence[_StoredMessage], content: str, images: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """A send's upstream `messages`: the conversation so far, then its user turn."""
+    history = build_history(messages)
+    history.append({"role": "user", "content": attachments.user_blocks(content, images)})
+    return history
 
 
 def build_history(messages: Sequence[_StoredMessage]) -> list[dict[str, Any]]:
