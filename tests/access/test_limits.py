@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import pytest
 import redis
+from limits import parse
 from sqlalchemy import select
 
 from db.models import RateLimitEvent
+from streams_service.access import limits as limits_module
+from streams_service.access.limits import InProcessWindows
 from tests.access.conftest import AuthApp, bearer, services
 from tests.support import ServerProcess, migrate, postgres_database
 
@@ -192,3 +199,44 @@ async def test_an_import_counts_as_a_session_create(auth_app: AuthApp) -> None:
         await _check_429(refused, 2)
         listed = await client.get("/v1/sessions", headers=bearer(people.other))
         assert len(listed.json()["items"]) == 2  # the refused import made nothing
+
+
+async def test_in_process_windows_start_no_thread_per_hit() -> None:
+    """limits' MemoryStorage starts a timer thread on a hit whenever its last one has run;
+    ours must not (Thread.start blocks the event loop). If a limits release renames the hook
+    we override, the base class starts its timer again and this fails."""
+    windows = InProcessWindows()
+    storage = windows.storage
+    item = parse("100/minute")
+    first_timer = storage.timer
+    first_timer.join(timeout=5)  # the one sweep the constructor starts
+    for i in range(5):
+        assert await windows.hit(item, "message_send", f"session-{i}")
+        await asyncio.sleep(0.02)  # past the base class's 10 ms timer: it would start another
+        assert storage.timer is first_timer and not first_timer.is_alive()
+    # The windows still count: the 101st hit of one key in the minute is refused.
+    for _ in range(99):
+        assert await windows.hit(item, "message_send", "session-0")
+    assert not await windows.hit(item, "message_send", "session-0")
+
+
+async def test_in_process_windows_sweep_expired_keys_from_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Entries that have left their window are dropped by the sweep a later hit runs once it is
+    due (memory only: a window never counts them either way)."""
+    windows = InProcessWindows()
+    item = parse("2/second")
+    assert await windows.hit(item, "message_send", "old")
+    assert await windows.hit(item, "message_send", "old")
+    assert not await windows.hit(item, "message_send", "old")  # the window is full
+    await asyncio.sleep(1.1)  # both entries have left the 1 s window
+    old_key = item.key_for("message_send", "old")
+    assert windows.storage.events[old_key]  # not swept yet: the sweep is not due
+    later = time.monotonic() + limits_module.SWEEP_INTERVAL_S + 1
+    clock = SimpleNamespace(monotonic=lambda: later, time=time.time)
+    monkeypatch.setattr(limits_module, "time", clock)
+    assert await windows.hit(item, "message_send", "new")  # runs the due sweep first
+    assert not windows.storage.events.get(old_key)
+    assert windows.storage.events[item.key_for("message_send", "new")]
+    assert await windows.hit(item, "message_send", "old")  # a fresh window for the old key
