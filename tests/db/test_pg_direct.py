@@ -332,3 +332,46 @@ def test_a_default_computed_at_execution_is_refused() -> None:
     )
     with pytest.raises(TypeError, match="computed at execution"):
         pg_direct.statement(sa.insert(table), ["id"])
+
+
+async def test_default_pool_keeps_a_burst_of_connections_open() -> None:
+    """Twenty connections busy at once (what 50 chatting sessions held at their peaks, and a
+    storm of reconnecting SSE readers more) are kept open by a pool of the default size and
+    reused by the next burst: overflow connections are closed as they come back, and a load
+    above the pool's size then opens a Postgres backend per transaction. The ceiling per pool
+    stays 30, the Postgres connection budget it always had."""
+    burst_size = 20
+    # The defaults themselves, whatever this environment sets.
+    pool_size = Settings.model_fields["db_pool_size"].default
+    max_overflow = Settings.model_fields["db_max_overflow"].default
+    assert pool_size + max_overflow == 30
+    with postgres_database("chatops_pool") as url:
+        engine = create_engine(
+            Settings(database_url=url).database_url,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+        )
+        opened = 0
+
+        def count(*_: object) -> None:
+            nonlocal opened
+            opened += 1
+
+        sa.event.listen(engine.sync_engine, "connect", count)
+        try:
+
+            async def burst() -> None:
+                held = [await engine.connect() for _ in range(burst_size)]
+                for conn in held:
+                    await conn.execute(sa.text("SELECT 1"))
+                for conn in held:
+                    await conn.close()
+
+            await burst()
+            assert opened == burst_size
+            await burst()  # the same connections: none opened (nor closed) again
+            assert opened == burst_size
+            pool: Any = engine.sync_engine.pool
+            assert pool.checkedin() == burst_size
+        finally:
+            await engine.dispose()
