@@ -273,8 +273,13 @@ class StreamRoutes:
         self, path: str, raw: str, cursor: str | None, request: Request
     ) -> Response:
         deadline = time.monotonic() + self.long_poll_timeout_s
-        from_pos = (await self.store.head(path)).tail if raw == "now" else _position(raw)
-        async with self._follow(path, from_pos) as follow:
+        stream_id = None
+        if raw == "now":
+            head = await self.store.head(path)
+            from_pos, stream_id = head.tail, head.id
+        else:
+            from_pos = _position(raw)
+        async with self._follow(path, from_pos, stream_id) as follow:
             async for result in follow:
                 state = result.state
                 if result.chunks or from_pos != state.tail:
@@ -297,8 +302,8 @@ class StreamRoutes:
                     return Reply(status_code=204, headers=out)
         raise AssertionError("unreachable: a follower yields until told to stop")
 
-    def _follow(self, path: str, position: int) -> _Follower:
-        return _Follower(self, path, position)
+    def _follow(self, path: str, position: int, stream_id: int | None = None) -> _Follower:
+        return _Follower(self, path, position, stream_id)
 
     def _data_response(
         self, path: str, start: str, result: ReadResult, request: Request, *, cursor: str | None
@@ -339,16 +344,18 @@ class StreamRoutes:
         if encode_base64:
             out["Stream-SSE-Data-Encoding"] = "base64"
         return StreamingResponse(
-            self._sse_events(path, start, cursor, encode_base64), headers=out, status_code=200
+            self._sse_events(path, start, cursor, encode_base64, state.id),
+            headers=out,
+            status_code=200,
         )
 
     async def _sse_events(
-        self, path: str, start: int, cursor: str | None, encode_base64: bool
+        self, path: str, start: int, cursor: str | None, encode_base64: bool, stream_id: int
     ) -> AsyncIterator[bytes]:
         deadline = time.monotonic() + self.sse_max_duration_s
         announce = True  # the first pass always tells the client where it stands
         try:
-            async with self._follow(path, start) as follow:
+            async with self._follow(path, start, stream_id) as follow:
                 async for result in follow:
                     state = result.state
                     if result.chunks:
@@ -411,12 +418,18 @@ class _Follower:
     appended exactly where the reader stands is answered from memory.
     """
 
-    def __init__(self, routes: StreamRoutes, path: str, position: int) -> None:
+    def __init__(
+        self, routes: StreamRoutes, path: str, position: int, stream_id: int | None = None
+    ) -> None:
         self.routes = routes
         self.path = path
         self.position = position
         self._stack = contextlib.ExitStack()
         self._channel: Channel | None = None
+        # The stream whose wake-ups `_channel` carries. Known up front when the caller has just
+        # read the stream's head: the first read then comes after the subscription and is the
+        # only one (an SSE open: two queries with the head, not three).
+        self._stream_id = stream_id
         self._seen = 0
         self._woken = False
 
@@ -431,6 +444,8 @@ class _Follower:
 
     async def __anext__(self) -> ReadResult:
         routes = self.routes
+        if self._channel is None and self._stream_id is not None:
+            self._subscribe(self._stream_id)
         if self._channel is not None and self._woken:
             cached = self._channel.cached_read(self._seen, self.position, routes.max_read_bytes)
             self._seen = self._channel.version
@@ -441,12 +456,18 @@ class _Follower:
             self._seen = self._channel.version
         result = await routes.store.read(self.path, self.position, routes.max_read_bytes)
         routes.store.touch(result.state)
-        if self._channel is None:
-            # First read: subscribe, then read once more so nothing commits unseen in between.
-            self._channel = self._stack.enter_context(routes.hub.subscribe(result.state.id))
-            self._seen = self._channel.version
+        if result.state.id != self._stream_id:
+            # The first read of a stream not known before (or one created again under this
+            # path): subscribe, then read once more so nothing commits unseen in between.
+            self._subscribe(result.state.id)
             result = await routes.store.read(self.path, self.position, routes.max_read_bytes)
         return result
+
+    def _subscribe(self, stream_id: int) -> None:
+        self._stack.close()  # the previous stream's channel, if any
+        self._channel = self._stack.enter_context(self.routes.hub.subscribe(stream_id))
+        self._stream_id = stream_id
+        self._seen = self._channel.version
 
     async def wait(self, max_wait_s: float) -> bool:
         """Wait for a change; False when `max_wait_s` passed without one."""
