@@ -228,9 +228,12 @@ async def test_pacing() -> None:
         ) as stream:
             arrivals = [time.monotonic() - started async for _ in stream.text_stream]
 
-    # First token after the TTFT, then 10 more at 100/s: ~0.25 s in all.
+    # First token after the TTFT, then 10 more at 100/s: ~0.25 s in all. The simulator paces
+    # from its own first token, so a loaded machine can only make the answer later: the gap
+    # between the first and last arrivals may shrink (a late first token), the end may not
+    # come sooner.
     assert arrivals[0] >= 0.15
-    assert arrivals[-1] - arrivals[0] >= 0.09
+    assert arrivals[-1] >= 0.15 + 10 / 100 - 0.005
     assert arrivals[-1] < 1.5
     assert len(arrivals) > 1  # paced output arrives in several deltas
 
