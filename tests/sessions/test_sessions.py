@@ -525,7 +525,13 @@ async def test_the_first_exchange_gets_a_title_from_the_cheap_model(
         )
     assert len(rows) == 1 and rows[0].model == load_catalog().title_model.id
     assert rows[0].output_tokens > 0 and Decimal(session["cost_usd"]) == total
-    upserts = [r for r in await stream_records(client, sid) if r.get("type") == "session"]
+    # The title is committed first and then published on the stream: wait (bounded) for the
+    # session record that carries it.
+    for _ in range(500):
+        upserts = [r for r in await stream_records(client, sid) if r.get("type") == "session"]
+        if upserts and upserts[-1]["value"]["title"] is not None:
+            break
+        await asyncio.sleep(0.01)
     assert upserts[-1]["value"]["title"] == title
     # Only the first exchange is titled.
     await send(client, sid, "and another thing [[tokens:3]]")
