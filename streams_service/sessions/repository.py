@@ -105,16 +105,18 @@ _SESSION_TIMES = ("created_at", "updated_at", "ended_at", "deleted_at")
 
 
 async def _run(
-    db: AsyncSession,
+    db: AsyncSession | None,
     pg: Direct | None,
     stmt: Any,
     values: dict[str, Any],
     keys: Sequence[str] | None = None,
 ) -> int:
     """Execute a Core statement, on the driver connection when there is one; its row count
-    (-1 when unknown: inside a combined statement)."""
+    (-1 when unknown: inside a combined statement). `db` may be None with a driver connection
+    outside any session (`pg_direct.autocommit`)."""
     if pg is not None:
         return await pg.execute(pg_direct.statement(stmt, keys), values)
+    assert db is not None
     result = await db.execute(stmt, values)
     return int(getattr(result, "rowcount", -1))
 
@@ -141,7 +143,7 @@ async def send_row_and_history(
     return row._replace(**times), history
 
 
-async def insert_message(db: AsyncSession, pg: Direct | None = None, **values: Any) -> None:
+async def insert_message(db: AsyncSession | None, pg: Direct | None = None, **values: Any) -> None:
     """Insert a chat message; without an `ordinal`, the session's next one."""
     if "ordinal" in values:
         await _run(db, pg, _INSERT_MESSAGE, values, sorted(values))
@@ -155,20 +157,20 @@ async def insert_generation(db: AsyncSession, pg: Direct | None = None, **values
 
 
 async def update_generation(
-    db: AsyncSession, generation_id: str, pg: Direct | None = None, **values: Any
+    db: AsyncSession | None, generation_id: str, pg: Direct | None = None, **values: Any
 ) -> None:
     await _run(db, pg, _UPDATE_GENERATION, {**values, "b_id": generation_id}, sorted(values))
 
 
 async def set_message_offset(
-    db: AsyncSession, session_id: str, message_id: str, offset: str, pg: Direct | None = None
+    db: AsyncSession | None, session_id: str, message_id: str, offset: str, pg: Direct | None = None
 ) -> None:
     values = {"b_sid": session_id, "b_mid": message_id, "stream_offset": offset}
     await _run(db, pg, _SET_MESSAGE_OFFSET, values, ["stream_offset"])
 
 
 async def settle_session(
-    db: AsyncSession,
+    db: AsyncSession | None,
     session_id: str,
     *,
     cost: Decimal,

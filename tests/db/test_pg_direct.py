@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -282,6 +283,66 @@ async def test_a_combined_statement_that_fails_is_an_sqlalchemy_error_without_pa
     async with maker() as db:  # neither was written
         count = (await db.execute(sa.select(sa.func.count()).select_from(ChatMessage))).scalar()
     assert count == 0
+
+
+async def test_an_autocommit_combined_statement_lands_by_itself_or_not_at_all(
+    engine: AsyncEngine,
+) -> None:
+    await _session(engine)
+    maker = async_sessionmaker(engine, expire_on_commit=False)
+    auto = pg_direct.autocommit_engine(engine)
+    assert auto is not None
+    async with pg_direct.autocommit(auto) as pg:
+        async with pg.combined():
+            await repo.insert_message(None, pg, **_message(id="m1", ordinal=1))
+            await repo.settle_session(
+                None, "s1", cost=Decimal("0.25"), reserved=Decimal(0), now=T0, pg=pg
+            )
+        # No transaction is left open: another connection sees both writes at once.
+        assert pg.driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        async with maker() as other:
+            session = await other.get(ChatSession, "s1")
+            assert session is not None and session.message_count == 1
+        # A block that fails on its last write leaves nothing of its earlier ones.
+        with pytest.raises(sa_exc.IntegrityError):
+            async with pg.combined():
+                await repo.settle_session(
+                    None, "s1", cost=Decimal(1), reserved=Decimal(0), now=T0, pg=pg
+                )
+                await repo.insert_message(None, pg, **_message(id="m1", ordinal=2))
+    async with maker() as db:
+        session = await db.get(ChatSession, "s1")
+        count = (await db.execute(sa.select(sa.func.count()).select_from(ChatMessage))).scalar()
+    assert session is not None and session.cost_usd == Decimal("0.25") and count == 1
+
+
+async def test_connections_lent_in_autocommit_go_back_to_the_pool_transactional(
+    engine: AsyncEngine,
+) -> None:
+    await _session(engine)
+    auto = pg_direct.autocommit_engine(engine)
+    assert auto is not None
+    async with pg_direct.autocommit(auto) as pg:
+        lent = pg.driver
+    maker = async_sessionmaker(engine, expire_on_commit=False)
+    # The pool's one idle connection is the one just lent: a session's writes on it are a
+    # transaction again, which its rollback undoes.
+    async with maker() as db:
+        driver = (await (await db.connection()).get_raw_connection()).driver_connection
+        assert driver is lent and not lent.autocommit
+        await repo.settle_session(db, "s1", cost=Decimal(1), reserved=Decimal(0), now=T0)
+        await db.rollback()
+    async with maker() as db:
+        session = await db.get(ChatSession, "s1")
+    assert session is not None and session.cost_usd == Decimal(0)
+
+
+async def test_no_autocommit_engine_off_postgres(tmp_path: Path) -> None:
+    sqlite = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'chatops.db'}")
+    try:
+        assert pg_direct.autocommit_engine(sqlite) is None
+    finally:
+        await sqlite.dispose()
 
 
 async def test_errors_are_sqlalchemy_errors_without_parameters(engine: AsyncEngine) -> None:
