@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import anthropic
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +40,7 @@ from streams_service.errors import (
     validation_error_handler,
 )
 from streams_service.heap import freeze_startup_heap
+from streams_service.llm.client import make_client
 from streams_service.llm.models import load_catalog
 from streams_service.llm.simulator import SimulatorConfig, run_simulator
 from streams_service.middleware import RequestContextMiddleware, SecurityHeadersMiddleware
@@ -162,18 +162,7 @@ async def _start_services(
         api_key = "simulated"
     else:
         base_url, api_key = settings.anthropic_base_url, settings.anthropic_api_key or ""
-    client = anthropic.AsyncAnthropic(
-        base_url=base_url,
-        api_key=api_key,
-        max_retries=settings.anthropic_max_retries,
-        # The SDK's aiohttp transport (the `aiohttp` extra): its C HTTP parser hands over
-        # whatever the socket holds in one read, where httpx2's default stack (httpcore2, h11,
-        # an anyio cancel scope per read) climbs a tower of Python generators per chunk, and
-        # the upstream stream is a chunk per token. 50 sessions' TTFT overhead p50 61-69 ->
-        # 40-43 ms; 200 generations' delivery lag p99 274 -> 166 ms (docs/BENCHMARKS.md). Its
-        # ~7 MB of memory is paid for by importing Sentry only when it is configured.
-        http_client=anthropic.DefaultAioHttpClient(),
-    )
+    client = make_client(base_url, api_key, settings.anthropic_max_retries)
     stack.push_async_callback(client.close)
     catalog = load_catalog()
 
