@@ -41,6 +41,8 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
+from db import scopes
+
 _DIALECT = PGDialect_psycopg()  # type: ignore[no-untyped-call]
 
 
@@ -289,7 +291,7 @@ def autocommit_engine(engine: AsyncEngine) -> AsyncEngine | None:
 async def autocommit(engine: AsyncEngine) -> AsyncIterator[Direct]:
     """A driver connection of `engine` (from `autocommit_engine`): each statement run on it is
     its own transaction, so a `combined()` block lands whole or not at all by itself."""
-    async with engine.connect() as conn:
+    async with scopes.connect(engine) as conn:
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
         assert isinstance(driver, psycopg.AsyncConnection) and driver.autocommit

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from db import scopes
 from db.engine import create_writer_engine
 from streams_service.durable import sql, staging, writer
 from streams_service.durable.live import LiveHub
@@ -110,14 +111,14 @@ class StreamStore:
     # ------------------------------------------------------------------ reads
 
     async def head(self, path: str) -> StreamState:
-        async with self._read_engine.connect() as conn:
+        async with scopes.connect(self._read_engine) as conn:
             state = await _load(conn, path)
         return check_live(state, path, now_ms())
 
     async def read(self, path: str, from_pos: int, max_bytes: int) -> ReadResult:
         """Messages after `from_pos`, up to about `max_bytes` (always at least one message)."""
         now = now_ms()
-        async with self._read_engine.connect() as conn:
+        async with scopes.connect(self._read_engine) as conn:
             state = check_live(await _load(conn, path), path, now)
             if from_pos >= state.tail:
                 return ReadResult(state=state, next_pos=state.tail, up_to_date=True)
@@ -138,7 +139,7 @@ class StreamStore:
         )
 
     async def count_streams(self) -> int:
-        async with self._read_engine.connect() as conn:
+        async with scopes.connect(self._read_engine) as conn:
             count = (await conn.execute(select(func.count()).select_from(sql.streams))).scalar_one()
         return int(count)
 

@@ -15,7 +15,7 @@ from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db import pg_direct
+from db import pg_direct, scopes
 from db.models import ChatMessage, ChatSession, Generation
 from streams_service.access import budgets
 from streams_service.access.limits import MESSAGE_SEND, SESSION_CREATE, RateLimited, RateLimiter
@@ -285,7 +285,7 @@ class SessionService:
                 # this send's database work (which it does not need, and which then overlaps
                 # Claude's time to first token) rather than after it.
                 await asyncio.sleep(0)
-            async with self.sessionmaker.begin() as db:
+            async with scopes.begin(self.sessionmaker) as db:
                 pg = await pg_direct.direct(db)
                 # The session row stays locked (Postgres) until this commits: a generation that
                 # is finishing saves its answer after we decide, never between our reads, so the
