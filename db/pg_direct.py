@@ -224,9 +224,12 @@ class Direct:
         try:
             async with self._translated(None, params):
                 if commit:
+                    # The COMMIT queued behind the statement, both settled by the pipeline's
+                    # one Sync: psycopg's commit() would sync (and wait) on its own first, a
+                    # second round trip and a second wait on the loop.
                     async with self.driver.pipeline():
                         cursor = await self.driver.execute(sql, params)
-                        await self.driver.commit()
+                        await self.driver.execute("COMMIT", prepare=False)
                 else:
                     cursor = await self.driver.execute(sql, params)
                 counts = await cursor.fetchone()
