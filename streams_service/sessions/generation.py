@@ -25,7 +25,7 @@ import structlog
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from db import pg_direct, scopes
+from db import pg_direct
 from db.models import ChatSession, Generation
 from streams_service.config import Settings
 from streams_service.durable.store import StreamStore
@@ -856,7 +856,8 @@ class _Runner:
                 async with pg_direct.autocommit(self.m.autocommit) as direct, direct.combined():
                     await write(None, direct)
             else:
-                async with scopes.begin(self.m.sessionmaker) as db:
+                # SQLAlchemy's own exit, guarded against cancellation: its commit writes.
+                async with self.m.sessionmaker.begin() as db:
                     if code is not None:  # it ended with RUN_ERROR: ops see it at /v1/errors
                         db.add(
                             generation_error(
