@@ -255,7 +255,7 @@ class _SessionReader:
                     self.stamped_lags.append((event["timestamp"], now_ms - event["timestamp"]))
             elif kind in ("RUN_FINISHED", "RUN_ERROR"):
                 if kind == "RUN_ERROR":
-                    self.run_error = str(event.get("message") or event)[:200]
+                    self.run_error = _run_error_text(event)
                 self.done.set()
 
     def close(self) -> None:
@@ -357,6 +357,14 @@ async def _close(sessions: list[_Session]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _run_error_text(event: dict[str, Any]) -> str:
+    """A RUN_ERROR event as `code: message` (its `error` object), short enough to summarize."""
+    error = event.get("error")
+    if isinstance(error, dict):
+        return f"{error.get('code')}: {error.get('message')}"[:200]
+    return str(event)[:200]
 
 
 def _errors(sessions: list[_Session]) -> list[str]:
@@ -483,7 +491,7 @@ class _RunReader(_SessionReader):
                 self.first_text_at_run.setdefault(self._run, now_perf)
             elif kind in ("RUN_FINISHED", "RUN_ERROR") and isinstance(event.get("runId"), str):
                 if kind == "RUN_ERROR":
-                    self.run_errors[event["runId"]] = str(event.get("error") or event)[:200]
+                    self.run_errors[event["runId"]] = _run_error_text(event)
                 self.ended_event(event["runId"]).set()
 
 

@@ -36,3 +36,17 @@ def test_text_without_stamps_and_other_events_add_no_source_lag() -> None:
 
     assert reader.source_lags == []
     assert reader.stamped_lags == [(1, 1.0)]
+
+
+def test_a_run_error_is_reported_by_its_code_and_message() -> None:
+    reader = _SessionReader("127.0.0.1", 1, "/v1/stream/sessions/x", "-1")
+    error = {
+        "type": "RUN_ERROR",
+        "timestamp": 1795784936841,
+        "runId": "d69d83a5-1e43-43df-b856-83e246ce9383",
+        "error": {"message": "Claude is overloaded; try again shortly.", "code": "overloaded"},
+    }
+    reader._on_records([_record(error)], now_ms=2.0, now_perf=0.0)
+
+    # The code first: summaries keep only the start of each error.
+    assert reader.run_error == "overloaded: Claude is overloaded; try again shortly."
