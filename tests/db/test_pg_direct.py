@@ -19,14 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from db import pg_direct
 from db.engine import create_engine
-from db.migrate import upgrade
 from db.models import ChatMessage, ChatSession, Generation
 from streams_service.config import Settings
 from streams_service.sessions import repository as repo
+from tests.db.conftest import T0, add_session
 from tests.support import PG_ADMIN_URL, postgres_database
-
-T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
-
 
 # A generation row as a send writes it (columns left out take the model's defaults).
 RUNNING_G1: dict[str, Any] = dict(
@@ -51,35 +48,6 @@ def _message(**values: Any) -> dict[str, Any]:
     } | values
 
 
-@pytest.fixture
-async def engine() -> AsyncIterator[AsyncEngine]:
-    with postgres_database("chatops_direct") as url:
-        database_url = Settings(database_url=url).database_url
-        upgrade(database_url)
-        engine = create_engine(database_url)
-        try:
-            yield engine
-        finally:
-            await engine.dispose()
-
-
-async def _session(engine: AsyncEngine, sid: str = "s1") -> None:
-    async with async_sessionmaker(engine).begin() as db:
-        db.add(
-            ChatSession(
-                id=sid,
-                user_id="u1",
-                title=None,
-                model="claude-sonnet-5-5",
-                message_count=0,
-                cost_usd=Decimal(0),
-                reserved_usd=Decimal(0),
-                created_at=T0,
-                updated_at=T0,
-            )
-        )
-
-
 @asynccontextmanager
 async def _transaction(
     maker: async_sessionmaker[AsyncSession],
@@ -92,7 +60,7 @@ async def _transaction(
 
 
 async def test_a_send_reads_and_writes_what_the_session_path_does(engine: AsyncEngine) -> None:
-    await _session(engine)
+    await add_session(engine)
     maker = async_sessionmaker(engine, expire_on_commit=False)
     parts = [{"type": "text", "content": "héllo <b>"}]
     async with maker.begin() as db:
@@ -148,7 +116,7 @@ async def test_a_send_reads_and_writes_what_the_session_path_does(engine: AsyncE
 async def test_a_claim_in_a_combined_block_reports_whether_it_won_once_the_block_ends(
     engine: AsyncEngine,
 ) -> None:
-    await _session(engine)
+    await add_session(engine)
     maker = async_sessionmaker(engine, expire_on_commit=False)
     async with _transaction(maker) as (db, pg):
         async with pg_direct.combined(pg):
@@ -182,7 +150,7 @@ class _CountingDriver:
 async def test_combined_statements_go_out_as_one_and_report_each_row_count(
     engine: AsyncEngine,
 ) -> None:
-    await _session(engine)
+    await add_session(engine)
     maker = async_sessionmaker(engine, expire_on_commit=False)
     async with _transaction(maker) as (db, pg):
         counting = _CountingDriver(pg.driver)
@@ -222,7 +190,7 @@ async def test_combined_statements_go_out_as_one_and_report_each_row_count(
 async def test_a_combined_statement_can_end_the_transaction_in_the_same_round_trip(
     engine: AsyncEngine,
 ) -> None:
-    await _session(engine)
+    await add_session(engine)
     maker = async_sessionmaker(engine, expire_on_commit=False)
     async with _transaction(maker) as (db, pg):
         async with pg_direct.combined(pg, commit=True):
@@ -242,7 +210,7 @@ async def test_a_combined_statement_can_end_the_transaction_in_the_same_round_tr
 async def test_a_claim_that_must_win_and_loses_writes_nothing_of_its_block(
     engine: AsyncEngine,
 ) -> None:
-    await _session(engine)
+    await add_session(engine)
     maker = async_sessionmaker(engine, expire_on_commit=False)
     async with _transaction(maker) as (db, pg):
         claim = await repo.submit_claim(pg, "s1", "g1", Decimal(0), T0, must_win=True)
@@ -267,7 +235,7 @@ async def test_a_claim_that_must_win_and_loses_writes_nothing_of_its_block(
 async def test_a_combined_statement_that_fails_is_an_sqlalchemy_error_without_parameters(
     engine: AsyncEngine,
 ) -> None:
-    await _session(engine)
+    await add_session(engine)
     maker = async_sessionmaker(engine)
     secret = "the user's private words"
     values = dict(
@@ -288,7 +256,7 @@ async def test_a_combined_statement_that_fails_is_an_sqlalchemy_error_without_pa
 async def test_an_autocommit_combined_statement_lands_by_itself_or_not_at_all(
     engine: AsyncEngine,
 ) -> None:
-    await _session(engine)
+    await add_session(engine)
     maker = async_sessionmaker(engine, expire_on_commit=False)
     auto = pg_direct.autocommit_engine(engine)
     assert auto is not None
@@ -319,7 +287,7 @@ async def test_an_autocommit_combined_statement_lands_by_itself_or_not_at_all(
 async def test_connections_lent_in_autocommit_go_back_to_the_pool_transactional(
     engine: AsyncEngine,
 ) -> None:
-    await _session(engine)
+    await add_session(engine)
     auto = pg_direct.autocommit_engine(engine)
     assert auto is not None
     async with pg_direct.autocommit(auto) as pg:
@@ -346,7 +314,7 @@ async def test_no_autocommit_engine_off_postgres(tmp_path: Path) -> None:
 
 
 async def test_errors_are_sqlalchemy_errors_without_parameters(engine: AsyncEngine) -> None:
-    await _session(engine)
+    await add_session(engine)
     maker = async_sessionmaker(engine)
     secret = "the user's private words"
     values = dict(
@@ -368,7 +336,7 @@ async def test_errors_are_sqlalchemy_errors_without_parameters(engine: AsyncEngi
 async def test_a_dead_connection_is_invalidated_and_the_next_transaction_works(
     engine: AsyncEngine,
 ) -> None:
-    await _session(engine)
+    await add_session(engine)
     maker = async_sessionmaker(engine)
     async with _transaction(maker) as (db, pg):
         backend = (await (await pg.driver.execute("SELECT pg_backend_pid()")).fetchone() or [0])[0]

@@ -4,8 +4,6 @@ Postgres, and clean up as SQLAlchemy's own context managers do when their block 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -14,13 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from db import pg_direct, scopes
 from db.engine import create_engine
-from db.migrate import upgrade
 from db.models import ChatSession
-from streams_service.config import Settings
 from streams_service.sessions import repository as repo
-from tests.support import postgres_database
-
-T0 = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
+from tests.db.conftest import T0, add_session
 
 
 class _Turns:
@@ -39,29 +33,9 @@ class _Turns:
         self._handle.cancel()
 
 
-@pytest.fixture
-async def engine() -> AsyncIterator[AsyncEngine]:
-    with postgres_database("chatops_scopes") as url:
-        database_url = Settings(database_url=url).database_url
-        upgrade(database_url)
-        engine = create_engine(database_url)
-        try:
-            async with async_sessionmaker(engine).begin() as db:
-                db.add(
-                    ChatSession(
-                        id="s1",
-                        user_id="u1",
-                        model="claude-sonnet-5-5",
-                        message_count=0,
-                        cost_usd=Decimal(0),
-                        reserved_usd=Decimal(0),
-                        created_at=T0,
-                        updated_at=T0,
-                    )
-                )
-            yield engine
-        finally:
-            await engine.dispose()
+@pytest.fixture(autouse=True)
+async def _s1(engine: AsyncEngine) -> None:
+    await add_session(engine)
 
 
 async def _count(engine: AsyncEngine) -> int:
