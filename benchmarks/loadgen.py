@@ -7,6 +7,8 @@ installed (Debian package `wrk`) when missing and we are allowed to. Results nam
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import math
 import os
@@ -14,12 +16,35 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 WRK_THREADS = 2
+
+
+@contextlib.contextmanager
+def quiet_collector() -> Iterator[None]:
+    """Keep this process's garbage collector out of what it measures.
+
+    A Python load generator times what it receives on its own event loop, so its pauses count
+    as the server's latency. With the SDK, httpx and hundreds of readers loaded, a full
+    collection of this process stopped it for 160-200 ms, five times in a 20 s time-to-first-
+    token run: the five pauses were that run's p99 (docs/BENCHMARKS.md, session 15). Inside this
+    block everything alive is frozen and collection is off (a measured phase is seconds long
+    and its garbage is small); after it, collection is back and catches up at once.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+        gc.collect()
 
 
 @dataclass

@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 
 from benchmarks import servers
-from benchmarks.loadgen import percentiles
+from benchmarks.loadgen import percentiles, quiet_collector
 from benchmarks.scenarios import Config, _ChunkedDecoder
 from benchmarks.servers import Server
 
@@ -596,7 +596,8 @@ async def _service_loop(
 async def _guarded(what: str, round_: Callable[[], Any], errors: list[str]) -> list[float]:
     """Run one round; a failure is recorded as an error of this round, not the scenario's end."""
     try:
-        samples, errs = await round_()
+        with quiet_collector():  # the same for both paths: the client's pauses are not theirs
+            samples, errs = await round_()
     except Exception as exc:
         errors.append(f"{what}: round failed: {type(exc).__name__}: {exc}"[:200])
         return []
@@ -735,7 +736,7 @@ async def _scale_step(server: Server, n: int) -> Result:
         setup_s = time.perf_counter() - t0
         try:
             cpu0 = server.cpu_seconds()
-            with _RssPeak(server) as rss:
+            with quiet_collector(), _RssPeak(server) as rss:
                 t1 = time.perf_counter()
                 text = f"go [[tokens:{SCALE_TOKENS}]] [[clock]]"
                 await _gather_limited(100, sessions, lambda s: _send(client, server, s, text))
@@ -781,7 +782,7 @@ async def _scale_steady_step(server: Server, n: int) -> Result:
         try:
             text = f"go [[tokens:{tokens}]] [[clock]]"
             cpu0 = server.cpu_seconds()
-            with _RssPeak(server) as rss:
+            with quiet_collector(), _RssPeak(server) as rss:
                 t0 = time.perf_counter()
 
                 async def start(i: int, session: _Session) -> None:
