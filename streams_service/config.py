@@ -67,8 +67,10 @@ class Settings(BaseSettings):
     stream_flush_chars: int = Field(default=300, ge=1)
     # Under load the interval stretches: it holds up to 100 concurrent generations in one
     # process, then grows with their number (200 → 2x) up to this ceiling, so the process's
-    # total write rate stays bounded instead of queueing every reader behind the writes.
-    stream_flush_max_interval_ms: int = Field(default=150, ge=1)
+    # total write rate stays bounded instead of queueing every reader behind the writes. At 500
+    # generations 150 ms put the delivery lag p99 at 237-305 ms, 120 ms at 184-222 ms for the
+    # same CPU (docs/BENCHMARKS.md, session 15): the ceiling is most of a delta's wait.
+    stream_flush_max_interval_ms: int = Field(default=120, ge=1)
     # On shutdown, running generations get this long to finish; the rest end as interrupted.
     drain_timeout_s: float = Field(default=25.0, ge=0)
     # How long an idle keep-alive connection stays open. Longer than clients keep theirs
