@@ -34,7 +34,9 @@ def quiet_collector() -> Iterator[None]:
     collection of this process stopped it for 160-200 ms, five times in a 20 s time-to-first-
     token run: the five pauses were that run's p99 (docs/BENCHMARKS.md, session 15). Inside this
     block everything alive is frozen and collection is off (a measured phase is seconds long
-    and its garbage is small); after it, collection is back and catches up at once.
+    and its garbage is small); after it, collection is back and catches up at once. The exit
+    unfreezes everything frozen, which is right only because nothing else in the load generator
+    freezes (the service's own `freeze_startup_heap` runs in its own process).
     """
     gc.collect()
     gc.freeze()
