@@ -133,6 +133,25 @@ def flush_interval_s(running: int, base_ms: int, max_ms: int) -> float:
     return min(max(base_ms, max_ms), max(base_ms, stretched)) / 1000
 
 
+class FlushPace:
+    """`flush_interval_s` for a count of running generations, kept for the last count asked.
+    The Flusher asks on every registration and every tick, tens of thousands of times a second
+    at 500 generations, while the count changes at most once per start or end: the arithmetic
+    each time was 1.5% of the event loop there (py-spy); a call is ~0.5 µs recomputed, ~0.06 µs
+    remembered."""
+
+    def __init__(self, base_ms: int, max_ms: int) -> None:
+        self._base_ms, self._max_ms = base_ms, max_ms
+        self._running = -1
+        self._interval = 0.0
+
+    def __call__(self, running: int) -> float:
+        if running != self._running:
+            self._running = running
+            self._interval = flush_interval_s(running, self._base_ms, self._max_ms)
+        return self._interval
+
+
 def classify_error(exc: BaseException) -> tuple[str, str]:
     """(code, message) of a failed generation, in the codes the UI can explain."""
     if isinstance(exc, anthropic.RateLimitError):
@@ -194,6 +213,9 @@ class GenerationManager:
         # Sessions whose next send can call Claude before reading them (sessions/memo.py).
         self.memos = Memos()
         # One timer writes every generation's pending deltas (sessions/chunks.py).
+        self._pace = FlushPace(
+            settings.stream_flush_interval_ms, settings.stream_flush_max_interval_ms
+        )
         self.flusher = Flusher(self.flush_interval_s)
         # Called after a session's first exchange completes (titles); set by the session layer.
         self.on_first_exchange: Callable[[str, str], Coroutine[Any, Any, None]] | None = None
@@ -204,11 +226,7 @@ class GenerationManager:
 
     def flush_interval_s(self) -> float:
         """How long a generation's deltas may wait to be written, given how many run here."""
-        return flush_interval_s(
-            len(self.running),
-            self.settings.stream_flush_interval_ms,
-            self.settings.stream_flush_max_interval_ms,
-        )
+        return self._pace(len(self.running))
 
     def start(self, spec: GenerationSpec) -> Handle:
         handle = Handle(spec)

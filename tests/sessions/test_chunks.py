@@ -18,7 +18,7 @@ from streams_service.durable.model import AppendRequest, CreateRequest
 from streams_service.errors import AppError
 from streams_service.sessions import chunks, records
 from streams_service.sessions.chunks import ChunkWriter, Flusher
-from streams_service.sessions.generation import flush_interval_s
+from streams_service.sessions.generation import FlushPace, flush_interval_s
 
 
 async def _events(client: httpx.AsyncClient, path: str) -> list[list[dict[str, Any]]]:
@@ -117,6 +117,16 @@ def test_the_flush_interval_stretches_with_the_number_of_generations() -> None:
     assert flush_interval_s(300, 40, 150) == 0.12
     assert flush_interval_s(5_000, 40, 150) == 0.15
     assert flush_interval_s(5_000, 40, 10) == 0.04  # a ceiling below the base leaves the base
+
+
+def test_the_flush_pace_follows_the_running_count_both_ways() -> None:
+    pace = FlushPace(40, 120)
+    assert pace(0) == 0.04
+    assert pace(200) == 0.08
+    assert pace(200) == 0.08  # remembered for the same count
+    assert pace(500) == 0.12  # the ceiling
+    assert pace(150) == flush_interval_s(150, 40, 120) == 0.06  # and back down as they end
+    assert pace(0) == 0.04
 
 
 async def test_the_writer_asks_its_pace_for_each_batch(
