@@ -137,8 +137,8 @@ class FlushPace:
     """`flush_interval_s` for a count of running generations, kept for the last count asked.
     The Flusher asks on every registration and every tick, tens of thousands of times a second
     at 500 generations, while the count changes at most once per start or end: the arithmetic
-    each time was 1.5% of the event loop there (py-spy); a call is ~0.5 µs recomputed, ~0.06 µs
-    remembered."""
+    each time was 1.5% of the event loop there (py-spy); through GenerationManager a call is
+    ~0.47 µs recomputed, ~0.13 µs remembered."""
 
     def __init__(self, base_ms: int, max_ms: int) -> None:
         self._base_ms, self._max_ms = base_ms, max_ms
