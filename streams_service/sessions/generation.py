@@ -458,7 +458,13 @@ class _Runner:
                 # must not rest on the cancellation alone.
                 if self.h.stop_reason is not None:
                     raise asyncio.CancelledError()
-                if event["type"] == "message_start":
+                kind = event["type"]
+                if kind == "content_block_delta":
+                    # The token path, without a coroutine per delta: most only merge.
+                    if self._on_delta(event):
+                        await self.writer.flush()
+                    continue
+                if kind == "message_start":
                     self.current_input_tokens = _total_input(stream.accumulated.usage)
                 await self._on_event(event, stream.accumulated)
         final = stream.accumulated
@@ -520,40 +526,8 @@ class _Runner:
                     )
                 )
         elif kind == "content_block_delta":
-            delta = event.get("delta") or {}
-            dtype = delta.get("type")
-            last = self.parts[-1] if self.parts else None
-            if dtype == "text_delta" and last is not None and last.kind == "text":
-                text = delta.get("text", "")
-                self._first_token()
-                last.data["content"] += text
-                self.output_chars += len(text)
-                # The first words go out at once (time to first token); the rest are coalesced.
-                first_text = not self.text_seen
-                self.text_seen = True
-                await self.writer.emit(
-                    records.event("TEXT_MESSAGE_CONTENT", messageId=mid, delta=text),
-                    flush=first_text,
-                )
-            elif dtype == "thinking_delta" and last is not None and last.kind == "thinking":
-                text = delta.get("thinking", "")
-                first = self._first_token()
-                part = last.data
-                part["content"] += text
-                self.output_chars += len(text)
-                await self.writer.emit(
-                    records.event("STEP_FINISHED", stepId=part["step"], delta=text),
-                    flush=first,
-                )
-            elif dtype == "input_json_delta" and last is not None and last.kind == "tool-call":
-                text = delta.get("partial_json", "")
-                part = last.data
-                part["arguments"] += text
-                self.output_chars += len(text)
-                await self.writer.emit(
-                    records.event("TOOL_CALL_ARGS", toolCallId=part["id"], delta=text)
-                )
-            self._check_budget()
+            if self._on_delta(event):
+                await self.writer.flush()
         elif kind == "content_block_stop":
             block = message.block(event.get("index"))
             if block is not None and block.get("type") == "tool_use":
@@ -571,6 +545,47 @@ class _Runner:
                         input=tool_input,
                     )
                 )
+
+    def _on_delta(self, event: dict[str, Any]) -> bool:
+        """A `content_block_delta`, queued on the stream: True when it must be written now
+        (the answer's first words, or enough pending). Synchronous: tokens are most events."""
+        delta = event.get("delta") or {}
+        dtype = delta.get("type")
+        last = self.parts[-1] if self.parts else None
+        write_now = False
+        if dtype == "text_delta" and last is not None and last.kind == "text":
+            text = delta.get("text", "")
+            self._first_token()
+            last.data["content"] += text
+            self.output_chars += len(text)
+            # The first words go out at once (time to first token); the rest are coalesced.
+            first_text = not self.text_seen
+            self.text_seen = True
+            write_now = self.writer.queue(
+                records.event("TEXT_MESSAGE_CONTENT", messageId=self.spec.message_id, delta=text),
+                flush=first_text,
+            )
+        elif dtype == "thinking_delta" and last is not None and last.kind == "thinking":
+            text = delta.get("thinking", "")
+            first = self._first_token()
+            part = last.data
+            part["content"] += text
+            self.output_chars += len(text)
+            write_now = self.writer.queue(
+                records.event("STEP_FINISHED", stepId=part["step"], delta=text), flush=first
+            )
+        elif dtype == "input_json_delta" and last is not None and last.kind == "tool-call":
+            text = delta.get("partial_json", "")
+            part = last.data
+            part["arguments"] += text
+            self.output_chars += len(text)
+            write_now = self.writer.queue(
+                records.event("TOOL_CALL_ARGS", toolCallId=part["id"], delta=text)
+            )
+        # What is queued stays queued if the budget check raises: the end writes it with the
+        # error, as when the check ran after an awaited emit.
+        self._check_budget()
+        return write_now
 
     def _read_pause(self, resume: Callable[[], None]) -> asyncio.Future[None] | None:
         """Between reads of upstream: write what this read brought, then sleep until this

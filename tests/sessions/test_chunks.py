@@ -110,6 +110,34 @@ async def test_leaving_the_writer_flushes_what_is_pending(
     assert [e[0].get("delta") for e in await _events(client, path)] == ["tail"]
 
 
+async def test_queue_says_when_a_write_is_due_and_writes_nothing_itself(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    path, writer = await _writer(app, interval_s=10.0)  # nothing goes out by the timer here
+    async with writer:
+        start = records.event("TEXT_MESSAGE_START", messageId="m1")
+        assert writer.queue(start, defer=True) is False
+        delta = records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="Hel")
+        assert writer.queue(delta, flush=True) is True  # the first words: now
+        assert writer.appends == 0  # queue never writes: the caller flushes
+        await writer.flush()
+        assert writer.appends == 1
+        more = records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="lo")
+        assert writer.queue(more) is False  # merges and waits for the timer
+        big = records.event("TEXT_MESSAGE_CONTENT", messageId="m1", delta="x" * 400)
+        assert writer.queue(big) is True  # past flush_chars (300, the default)
+        assert writer.queue(records.event("TEXT_MESSAGE_END", messageId="m1")) is True
+        await writer.flush()
+        assert writer.appends == 2
+    rows = [e[0] for e in await _events(client, path)]
+    assert [(r["type"], r.get("delta")) for r in rows] == [
+        ("TEXT_MESSAGE_START", None),
+        ("TEXT_MESSAGE_CONTENT", "Hel"),
+        ("TEXT_MESSAGE_CONTENT", "lo" + "x" * 400),
+        ("TEXT_MESSAGE_END", None),
+    ]
+
+
 def test_the_flush_interval_stretches_with_the_number_of_generations() -> None:
     assert flush_interval_s(0, 40, 150) == 0.04
     assert flush_interval_s(100, 40, 150) == 0.04
