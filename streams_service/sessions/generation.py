@@ -476,6 +476,7 @@ class _Runner:
         return final
 
     async def _on_event(self, event: dict[str, Any], message: MessageAccumulator) -> None:
+        """Every event but the deltas, which `_one_call` hands to `_on_delta` directly."""
         kind = event["type"]
         mid = self.spec.message_id
         if kind == "content_block_start":
@@ -525,9 +526,6 @@ class _Runner:
                         index=event.get("index"),
                     )
                 )
-        elif kind == "content_block_delta":
-            if self._on_delta(event):
-                await self.writer.flush()
         elif kind == "content_block_stop":
             block = message.block(event.get("index"))
             if block is not None and block.get("type") == "tool_use":
