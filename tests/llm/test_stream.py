@@ -8,13 +8,17 @@ included) is covered by tests/sessions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import zlib
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import anthropic
 import httpx2
 import pytest
+from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -24,9 +28,12 @@ from streams_service.llm.stream import (
     MessageStream,
     SSEFrames,
     UpstreamStalled,
+    _aiohttp_response_of,
+    _Body,
     _frame,
     _frame_lines,
     _socket_of,
+    _take_buffered,
     merge_deltas,
     stream_message,
 )
@@ -568,3 +575,158 @@ async def test_a_cancel_during_a_read_stays_a_cancel() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         assert task.cancelled()
+
+
+_PARAMS: dict[str, Any] = {
+    "model": "claude-sonnet-5-5",
+    "max_tokens": 1024,
+    "messages": [{"role": "user", "content": "read me [[tokens:40]]"}],
+}
+
+
+def _aiohttp_client(url: str) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(
+        api_key="sk-test", base_url=url, http_client=anthropic.DefaultAioHttpClient(), max_retries=0
+    )
+
+
+async def _text_of(stream: MessageStream) -> str:
+    text = ""
+    async for event in stream.events():
+        if event["type"] == "content_block_delta" and event["delta"]["type"] == "text_delta":
+            text += event["delta"]["text"]
+    return text
+
+
+async def test_over_aiohttp_the_body_is_read_from_aiohttps_own_buffer() -> None:
+    """The service's client: the bytes come straight from aiohttp's buffer (not through the
+    SDK's iterators), and the answer is the one the API gives whole."""
+    async with run_simulator(SimulatorConfig(ttft_ms=1, tokens_per_s=2000)) as url:
+        client = _aiohttp_client(url)
+        try:
+            whole = await client.messages.create(**_PARAMS)
+            async with stream_message(client, _PARAMS) as stream:
+                found = _aiohttp_response_of(stream._response)
+                assert found is not None  # the installed SDK still streams over aiohttp
+                body = _Body(stream._response)
+                read: Any = body.read
+                assert read.__self__ is found.content
+                assert body.take is not None  # the installed aiohttp keeps the books we keep
+                text = await _text_of(stream)
+                assert stream.accumulated.saw_stop
+        finally:
+            await client.close()
+    assert text == whole.content[0].text  # type: ignore[union-attr]
+
+
+async def test_over_httpx2_the_body_is_read_through_the_sdk() -> None:
+    async with run_simulator(SimulatorConfig(ttft_ms=1, tokens_per_s=2000)) as url:
+        client = anthropic.AsyncAnthropic(api_key="sk-test", base_url=url, max_retries=0)
+        try:
+            whole = await client.messages.create(**_PARAMS)
+            async with stream_message(client, _PARAMS) as stream:
+                assert _aiohttp_response_of(stream._response) is None
+                text = await _text_of(stream)
+        finally:
+            await client.close()
+    assert text and text == whole.content[0].text  # type: ignore[union-attr]
+
+
+@contextlib.asynccontextmanager
+async def _gzip_upstream(body: bytes) -> Any:
+    """A Messages endpoint answering with a gzip-encoded event stream, in two writes."""
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"content-type": "text/event-stream", "content-encoding": "gzip"}
+        )
+        await response.prepare(request)
+        gzip = zlib.compressobj(wbits=31)
+        half = len(body) // 2
+        await response.write(gzip.compress(body[:half]) + gzip.flush(zlib.Z_SYNC_FLUSH))
+        await response.write(gzip.compress(body[half:]) + gzip.flush())
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_encoded_body_over_aiohttp_is_read_decoded_through_the_sdk() -> None:
+    """aiohttp is told not to decompress (httpx2 does), so a content-encoded body must not be
+    taken from aiohttp's buffer as it is."""
+    body = b"".join(_sse(name, data) for name, data in _text_stream(["zipped ", "words"]))
+    async with _gzip_upstream(body) as url:
+        client = _aiohttp_client(url)
+        try:
+            async with stream_message(client, _PARAMS) as stream:
+                assert _aiohttp_response_of(stream._response) is not None
+                text = await _text_of(stream)
+        finally:
+            await client.close()
+    assert text == "zipped words"
+    assert stream.accumulated.saw_stop
+
+
+async def test_a_body_cut_short_over_aiohttp_is_an_httpx2_transport_error() -> None:
+    """As the SDK's vendored transport would map it: the generation calls that upstream_cut."""
+    params = {**_PARAMS, "messages": [{"role": "user", "content": "x [[fault:cut]]"}]}
+    async with run_simulator(SimulatorConfig(ttft_ms=1, tokens_per_s=2000)) as url:
+        client = _aiohttp_client(url)
+        try:
+            async with stream_message(client, params) as stream:
+                with pytest.raises(httpx2.TransportError) as info:
+                    await _text_of(stream)
+        finally:
+            await client.close()
+    assert isinstance(info.value.__cause__, aiohttp.ClientError)
+
+
+async def test_taking_aiohttps_buffer_at_once_reads_what_it_would_and_keeps_its_books() -> None:
+    """Several events buffered during a pause are taken in one step, alternating with
+    aiohttp's own reads: the bytes are the whole stream, aiohttp's reader agrees on where it
+    stands, and the connection goes back to the pool for the next request."""
+    params = {**_PARAMS, "messages": [{"role": "user", "content": "take it [[tokens:80]]"}]}
+    async with run_simulator(SimulatorConfig(ttft_ms=1, tokens_per_s=500)) as url:
+        client = _aiohttp_client(url)
+        try:
+            whole = await client.messages.create(**params)
+            async with stream_message(client, params) as stream:
+                found = _aiohttp_response_of(stream._response)
+                assert found is not None
+                content = found.content
+                received, taken_frames = b"", []
+                for turn in range(1000):
+                    await asyncio.sleep(0.02)  # ~10 events at 500 tokens/s
+                    if turn % 2 == 0:
+                        data = _take_buffered(content)
+                        taken_frames.append(data.count(b"\n\n"))
+                    else:
+                        data = await content.readany()
+                        if not data:
+                            break
+                    received += data
+                    assert content._size == sum(len(b) for b in content._buffer)
+                assert content.is_eof() and content._cursor == len(received)
+            frames = SSEFrames().feed(received)
+            text = "".join(
+                json.loads(data)["delta"]["text"]
+                for name, data in frames
+                if name == "content_block_delta"
+            )
+            assert max(taken_frames) > 1  # one step took several of upstream's events
+            assert found.connection is None  # released to the pool: the whole body was read
+            again = await client.messages.create(**params)
+        finally:
+            await client.close()
+    assert text == whole.content[0].text  # type: ignore[union-attr]
+    assert again.content[0].text == text  # type: ignore[union-attr]
