@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -90,6 +91,12 @@ class StreamState:
             soft_deleted=bool(row.soft_deleted),
         )
 
+    def copy(self) -> StreamState:
+        """A copy to stage on (its fields are all immutable values). `dataclasses.replace`
+        passes every field by keyword: ~3 µs a copy against ~0.6 here, and the stream writer
+        copies each stream of a batch (hundreds at 500 generations) holding the GIL."""
+        return StreamState(*_STATE_FIELDS(self))
+
     def expiry_ms(self) -> int | None:
         """When the stream stops being readable: Expires-At, or last access + TTL (sliding)."""
         candidates = []
@@ -137,6 +144,10 @@ class StreamState:
             "ref_count": self.ref_count,
             "soft_deleted": self.soft_deleted,
         }
+
+
+# Every field of StreamState, in its constructor's order (StreamState.copy).
+_STATE_FIELDS = operator.attrgetter(*(f.name for f in fields(StreamState)))
 
 
 def missing(path: str) -> NotFound:

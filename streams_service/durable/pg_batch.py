@@ -211,7 +211,7 @@ class PgBatches:
                 if remembered is None:
                     return None
                 was[op.path] = remembered
-                state = states[op.path] = dataclasses.replace(remembered)  # staging mutates it
+                state = states[op.path] = remembered.copy()  # staging mutates it
             if request.producer is not None:
                 key = (state.id, request.producer.id)
                 remembered_producer = self.known.producers.get(key)

@@ -3,9 +3,11 @@ validated path would store them; anything else still gets the client's validatio
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from streams_service.durable.model import encode_json_append, encoded_json_values
+from streams_service.durable.model import StreamState, encode_json_append, encoded_json_values
 from streams_service.errors import BadRequest
 from streams_service.sessions import records
 
@@ -38,3 +40,13 @@ def test_other_shapes_are_stored_as_validation_stores_them(body: bytes) -> None:
 def test_bodies_that_are_not_a_batch_are_still_validated(body: bytes) -> None:
     with pytest.raises(BadRequest):
         encoded_json_values(body)
+
+
+def test_a_stream_states_copy_has_every_field_and_is_its_own() -> None:
+    # A distinct value per field: a copy that put one field in another's place would differ.
+    values = {f.name: f"v{i}" for i, f in enumerate(dataclasses.fields(StreamState))}
+    state = StreamState(**values)  # type: ignore[arg-type]
+    copy = state.copy()
+    assert copy == state and copy is not state
+    copy.tail = 99
+    assert state.tail == values["tail"]
