@@ -4,15 +4,17 @@ readers already saw, and no second terminal event may follow."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import httpx
 from fastapi import FastAPI
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
 
 from db.models import ChatMessage, ChatSession, Generation
 from streams_service.sessions.generation import recover_interrupted
 from tests.sessions.conftest import (
+    AppFactory,
     events_of,
     new_session,
     send,
@@ -115,3 +117,49 @@ async def test_a_run_without_an_end_on_the_stream_is_closed_as_interrupted(
         # The same status a drain gives a run it could not wait for.
         assert (gen.status, gen.error_code) == ("interrupted", "interrupted")
     assert message_id != "msg_never_written"
+
+
+async def test_one_heartbeat_keeps_every_running_generation_fresh_while_any_runs(
+    make_app: AppFactory,
+) -> None:
+    """Every generation running here is refreshed four times per staleness window (by one
+    statement for all of them), and the beats stop once none runs."""
+    async with make_app(generation_stale_after_s=1, simulator_tokens_per_s=20) as (app, client):
+        generations = services(app).generations
+        maker = services(app).sessions.sessionmaker
+
+        async def beats(ids: list[str]) -> dict[str, datetime]:
+            async with maker() as db:
+                rows = await db.execute(
+                    select(Generation.id, Generation.heartbeat_at).where(Generation.id.in_(ids))
+                )
+                return {gid: at for gid, at in rows.all()}
+
+        async def refreshed(since: dict[str, datetime]) -> bool:
+            for _ in range(100):  # a beat is due every 0.25 s
+                now = await beats(list(since))
+                if all(now[gid] > at for gid, at in since.items()):
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+
+        sids = [await new_session(client) for _ in range(2)]
+        accepted = [await send(client, sid, "slowly [[tokens:80]]") for sid in sids]
+        ids = [a["generation_id"] for a in accepted]
+        assert sorted(generations.generation_ids()) == sorted(ids)
+        assert await refreshed(await beats(ids))
+        for sid in sids:
+            await wait_idle(client, sid)
+        for _ in range(100):  # the next beat finds nothing running and ends
+            if generations._heartbeat is None:
+                break
+            await asyncio.sleep(0.05)
+        assert generations._heartbeat is None
+        settled = await beats(ids)
+        await asyncio.sleep(0.6)
+        assert await beats(ids) == settled
+        # The next generation starts the beats again.
+        again = await send(client, sids[0], "once more [[tokens:80]]")
+        assert generations._heartbeat is not None
+        assert await refreshed(await beats([again["generation_id"]]))
+        await wait_idle(client, sids[0])
