@@ -233,8 +233,8 @@ def _take_buffered(content: Any) -> bytes:
     Why: after a pause the buffer holds one HTTP chunk per upstream event (the API sends each
     event as a chunk), and aiohttp's `readany` takes them one by one, asking the connection to
     resume reading after each (re-running its parser on no data each time): ~10 µs of a ~27 µs
-    read of nine events (tests/llm/test_stream.py checks this against the installed aiohttp).
-    Here: one join, one resume."""
+    read of nine events. Here: one join, one resume. tests/llm/test_stream.py checks the books
+    against the installed aiohttp."""
     buffer = content._buffer
     if not buffer or content._exception is not None:
         return b""

@@ -406,8 +406,6 @@ class _Runner:
         inner = self.h.inner  # upstream first: its request is on the wire while RUN_STARTED is
         assert inner is not None  # written (GenerationManager.start)
         async with self.writer as writer:
-            # Started before the first wait as well: a task cancelled before it ever ran leaves
-            # its coroutine unawaited when a task factory wraps it (Sentry's asyncio one does).
             try:
                 await writer.emit(
                     records.event("RUN_STARTED", runId=spec.generation_id, threadId=spec.session_id)
