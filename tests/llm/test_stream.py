@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -590,6 +590,17 @@ def _aiohttp_client(url: str) -> anthropic.AsyncAnthropic:
     )
 
 
+@contextlib.asynccontextmanager
+async def _simulated(tokens_per_s: float) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    """The SDK over aiohttp, as the service makes it, against a running simulator."""
+    async with run_simulator(SimulatorConfig(ttft_ms=1, tokens_per_s=tokens_per_s)) as url:
+        client = _aiohttp_client(url)
+        try:
+            yield client
+        finally:
+            await client.close()
+
+
 async def _text_of(stream: MessageStream) -> str:
     text = ""
     async for event in stream.events():
@@ -601,21 +612,17 @@ async def _text_of(stream: MessageStream) -> str:
 async def test_over_aiohttp_the_body_is_read_from_aiohttps_own_buffer() -> None:
     """The service's client: the bytes come straight from aiohttp's buffer (not through the
     SDK's iterators), and the answer is the one the API gives whole."""
-    async with run_simulator(SimulatorConfig(ttft_ms=1, tokens_per_s=2000)) as url:
-        client = _aiohttp_client(url)
-        try:
-            whole = await client.messages.create(**_PARAMS)
-            async with stream_message(client, _PARAMS) as stream:
-                found = _aiohttp_response_of(stream._response)
-                assert found is not None  # the installed SDK still streams over aiohttp
-                body = _Body(stream._response)
-                read: Any = body.read
-                assert read.__self__ is found.content
-                assert body.take is not None  # the installed aiohttp keeps the books we keep
-                text = await _text_of(stream)
-                assert stream.accumulated.saw_stop
-        finally:
-            await client.close()
+    async with _simulated(2000) as client:
+        whole = await client.messages.create(**_PARAMS)
+        async with stream_message(client, _PARAMS) as stream:
+            found = _aiohttp_response_of(stream._response)
+            assert found is not None  # the installed SDK still streams over aiohttp
+            body = _Body(stream._response)
+            read: Any = body.read
+            assert read.__self__ is found.content
+            assert body.take is not None  # the installed aiohttp keeps the books we keep
+            text = await _text_of(stream)
+            assert stream.accumulated.saw_stop
     assert text == whole.content[0].text  # type: ignore[union-attr]
 
 
@@ -680,14 +687,9 @@ async def test_an_encoded_body_over_aiohttp_is_read_decoded_through_the_sdk() ->
 async def test_a_body_cut_short_over_aiohttp_is_an_httpx2_transport_error() -> None:
     """As the SDK's vendored transport would map it: the generation calls that upstream_cut."""
     params = {**_PARAMS, "messages": [{"role": "user", "content": "x [[fault:cut]]"}]}
-    async with run_simulator(SimulatorConfig(ttft_ms=1, tokens_per_s=2000)) as url:
-        client = _aiohttp_client(url)
-        try:
-            async with stream_message(client, params) as stream:
-                with pytest.raises(httpx2.TransportError) as info:
-                    await _text_of(stream)
-        finally:
-            await client.close()
+    async with _simulated(2000) as client, stream_message(client, params) as stream:
+        with pytest.raises(httpx2.TransportError) as info:
+            await _text_of(stream)
     assert isinstance(info.value.__cause__, aiohttp.ClientError)
 
 
@@ -696,37 +698,33 @@ async def test_taking_aiohttps_buffer_at_once_reads_what_it_would_and_keeps_its_
     aiohttp's own reads: the bytes are the whole stream, aiohttp's reader agrees on where it
     stands, and the connection goes back to the pool for the next request."""
     params = {**_PARAMS, "messages": [{"role": "user", "content": "take it [[tokens:80]]"}]}
-    async with run_simulator(SimulatorConfig(ttft_ms=1, tokens_per_s=500)) as url:
-        client = _aiohttp_client(url)
-        try:
-            whole = await client.messages.create(**params)
-            async with stream_message(client, params) as stream:
-                found = _aiohttp_response_of(stream._response)
-                assert found is not None
-                content = found.content
-                received, taken_frames = b"", []
-                for turn in range(1000):
-                    await asyncio.sleep(0.02)  # ~10 events at 500 tokens/s
-                    if turn % 2 == 0:
-                        data = _take_buffered(content)
-                        taken_frames.append(data.count(b"\n\n"))
-                    else:
-                        data = await content.readany()
-                        if not data:
-                            break
-                    received += data
-                    assert content._size == sum(len(b) for b in content._buffer)
-                assert content.is_eof() and content._cursor == len(received)
-            frames = SSEFrames().feed(received)
-            text = "".join(
-                json.loads(data)["delta"]["text"]
-                for name, data in frames
-                if name == "content_block_delta"
-            )
-            assert max(taken_frames) > 1  # one step took several of upstream's events
-            assert found.connection is None  # released to the pool: the whole body was read
-            again = await client.messages.create(**params)
-        finally:
-            await client.close()
+    async with _simulated(500) as client:
+        whole = await client.messages.create(**params)
+        async with stream_message(client, params) as stream:
+            found = _aiohttp_response_of(stream._response)
+            assert found is not None
+            content = found.content
+            received, taken_frames = b"", []
+            for turn in range(1000):
+                await asyncio.sleep(0.02)  # ~10 events at 500 tokens/s
+                if turn % 2 == 0:
+                    data = _take_buffered(content)
+                    taken_frames.append(data.count(b"\n\n"))
+                else:
+                    data = await content.readany()
+                    if not data:
+                        break
+                received += data
+                assert content._size == sum(len(b) for b in content._buffer)
+            assert content.is_eof() and content._cursor == len(received)
+        frames = SSEFrames().feed(received)
+        text = "".join(
+            json.loads(data)["delta"]["text"]
+            for name, data in frames
+            if name == "content_block_delta"
+        )
+        assert max(taken_frames) > 1  # one step took several of upstream's events
+        assert found.connection is None  # released to the pool: the whole body was read
+        again = await client.messages.create(**params)
     assert text == whole.content[0].text  # type: ignore[union-attr]
     assert again.content[0].text == text  # type: ignore[union-attr]
