@@ -26,15 +26,10 @@ from anthropic.types import ThinkingConfigParam, ToolParam
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from streams_service.llm.simulator import (
-    SimulatorConfig,
-    _Block,
-    _delta_frame,
-    _Pacer,
-    _sse,
-    _Ticker,
-    run_simulator,
-)
+from streams_service.llm.simulator import SimulatorConfig, run_simulator
+from streams_service.llm.simulator.pacing import Pacer, Ticker
+from streams_service.llm.simulator.plan import Block
+from streams_service.llm.simulator.streaming import _delta_frame, _sse
 from tests.support import REPO_ROOT, chatops_bin, free_port
 
 # One simulator for the module keeps the suite fast; tests use unique prompts so the shared
@@ -817,20 +812,20 @@ async def test_models(client: anthropic.AsyncAnthropic) -> None:
 # --- the streaming hot path ---------------------------------------------------------------------
 
 BLOCKS = [
-    _Block("text"),
-    _Block("thinking", signature="sig"),
-    _Block("tool_use", tool_id="toolu_01x", tool_name="calculator"),
+    Block("text"),
+    Block("thinking", signature="sig"),
+    Block("tool_use", tool_id="toolu_01x", tool_name="calculator"),
 ]
 
 
-def sse_delta(index: int, block: _Block, chunk: str) -> bytes:
+def sse_delta(index: int, block: Block, chunk: str) -> bytes:
     event = {"type": "content_block_delta", "index": index, "delta": block.delta(chunk)}
     return _sse("content_block_delta", event)
 
 
 # Async only because this module's tests all run on its event loop; the checks are plain calls.
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.kind)
-async def test_delta_frame_is_byte_identical_to_sse(block: _Block) -> None:
+async def test_delta_frame_is_byte_identical_to_sse(block: Block) -> None:
     @given(chunk=st.text(), index=st.integers(min_value=0, max_value=10_000))
     @example(chunk="", index=0)
     @example(chunk='say "hi"', index=1)
@@ -849,7 +844,7 @@ async def test_delta_frame_is_byte_identical_to_sse(block: _Block) -> None:
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.kind)
-async def test_delta_frame_rejects_what_sse_rejects(block: _Block) -> None:
+async def test_delta_frame_rejects_what_sse_rejects(block: Block) -> None:
     lone_surrogate = "half \ud83d of an emoji"
     with pytest.raises(UnicodeEncodeError):
         sse_delta(0, block, lone_surrogate)
@@ -860,7 +855,7 @@ async def test_delta_frame_rejects_what_sse_rejects(block: _Block) -> None:
 async def test_pacer_is_never_early_and_at_most_a_tick_late() -> None:
     tick_s = 0.002
     interval = 0.005
-    pacer = _Pacer(1 / interval, _Ticker(tick_s))
+    pacer = Pacer(1 / interval, Ticker(tick_s))
     loop = asyncio.get_running_loop()
     releases: list[tuple[float, int]] = []
     left = 40
@@ -884,7 +879,7 @@ async def test_pacer_is_never_early_and_at_most_a_tick_late() -> None:
 
 
 async def test_pacer_groups_tokens_that_fall_due_within_one_tick() -> None:
-    pacer = _Pacer(4000, _Ticker(0.002))  # 4 tokens a tick
+    pacer = Pacer(4000, Ticker(0.002))  # 4 tokens a tick
     deltas = 0
     left = 100
     while left:
@@ -896,7 +891,7 @@ async def test_pacer_groups_tokens_that_fall_due_within_one_tick() -> None:
 
 
 async def test_a_cancelled_waiter_does_not_cancel_its_tick() -> None:
-    ticker = _Ticker(0.002)
+    ticker = Ticker(0.002)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 0.01
     leaving = asyncio.ensure_future(ticker.wake_at(loop, deadline))
