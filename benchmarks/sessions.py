@@ -397,7 +397,7 @@ def _client(n: int) -> httpx.AsyncClient:
 def _direct_params() -> dict[str, Any]:
     """What the service sends upstream for a first message to the default model."""
     from streams_service.llm.tools import tool_specs
-    from streams_service.sessions.generation import SYSTEM_PROMPT
+    from streams_service.sessions.runner import SYSTEM_PROMPT
 
     return {
         "model": MODEL,

@@ -52,8 +52,9 @@ from streams_service.ops.routes import router as ops_router
 from streams_service.sessions import repository as session_repo
 from streams_service.sessions.control import CHANNEL as CONTROL_CHANNEL
 from streams_service.sessions.control import ControlBus
-from streams_service.sessions.generation import GenerationManager, recover_interrupted
+from streams_service.sessions.generation import GenerationManager
 from streams_service.sessions.history_routes import router as history_router
+from streams_service.sessions.recovery import recover_interrupted
 from streams_service.sessions.retention import sweep_forever as retention_sweep_forever
 from streams_service.sessions.routes import router as sessions_router
 from streams_service.sessions.service import SessionService

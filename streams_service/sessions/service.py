@@ -38,7 +38,8 @@ from streams_service.observability.telemetry import Telemetry
 from streams_service.sessions import attachments, records
 from streams_service.sessions import repository as repo
 from streams_service.sessions.control import ControlBus
-from streams_service.sessions.generation import GenerationManager, GenerationSpec, Handle
+from streams_service.sessions.generation import GenerationManager
+from streams_service.sessions.generation_types import GenerationSpec, Handle
 from streams_service.sessions.memo import Memo, StoredRow
 from streams_service.sessions.schemas import CreateSession, SendAccepted, SendMessage
 

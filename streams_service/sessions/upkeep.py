@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from streams_service.sessions import repository as repo
-from streams_service.sessions.generation import recover_interrupted
+from streams_service.sessions.recovery import recover_interrupted
 from streams_service.sessions.service import SessionService
 
 log = structlog.get_logger(__name__)

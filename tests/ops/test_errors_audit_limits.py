@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from db.models import AuditEntry, ErrorEvent, Generation, RateLimitEvent
 from streams_service.access.principal import SYSTEM
-from streams_service.sessions.generation import recover_interrupted
+from streams_service.sessions.recovery import recover_interrupted
 from tests.ops.conftest import (
     acting_as,
     assert_bad_request,

@@ -6,7 +6,7 @@ import random
 from decimal import Decimal
 
 from streams_service.llm.models import ModelInfo, Usage, cost_usd, load_catalog
-from streams_service.sessions.generation import output_allowance
+from streams_service.sessions.runner import output_allowance
 
 
 def _over(model: ModelInfo, cost: Decimal, input_tokens: int, remaining: Decimal, n: int) -> bool:

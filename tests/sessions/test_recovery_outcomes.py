@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from sqlalchemy import delete, select, update
 
 from db.models import ChatMessage, ChatSession, Generation
-from streams_service.sessions.generation import recover_interrupted
+from streams_service.sessions.recovery import recover_interrupted
 from tests.sessions.conftest import (
     AppFactory,
     events_of,
