@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 import psycopg
-from psycopg.rows import namedtuple_row
+from psycopg.rows import namedtuple_row, tuple_row
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
@@ -196,6 +196,18 @@ class Direct:
                     cursors.append(cursor)
             return [await cursor.fetchall() for cursor in cursors]
 
+    async def rows(
+        self, stmt: DirectStatement, values: Mapping[str, Any], *, binary: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """A query's rows, as tuples. `binary`: in Postgres' binary format, where a `bytea` value
+        is its bytes as they are instead of twice as many hex digits for the server to write
+        and libpq to decode: 16 MiB of stream messages came back in 14 ms instead of 46 here."""
+        params = stmt.params(values)
+        async with self._translated(stmt, params):
+            cursor = self.driver.cursor(binary=binary, row_factory=tuple_row)
+            await cursor.execute(stmt.sql, params)
+            return await cursor.fetchall()
+
     @contextlib.asynccontextmanager
     async def combined(self, *, commit: bool = False) -> AsyncIterator[None]:
         """INSERTs, UPDATEs and DELETEs executed inside are sent as ONE statement when the block
@@ -288,6 +300,17 @@ def autocommit_engine(engine: AsyncEngine) -> AsyncEngine | None:
     if engine.dialect.name != "postgresql":
         return None
     return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+async def on(conn: AsyncConnection) -> Direct | None:
+    """The driver connection under `conn` on Postgres; None elsewhere. No transaction is begun:
+    for a connection of an autocommit engine (the stream store's reads)."""
+    if conn.dialect.name != "postgresql":
+        return None
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert isinstance(driver, psycopg.AsyncConnection)
+    return Direct(conn, driver)
 
 
 @contextlib.asynccontextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, and_, literal_column, or_, select
+from sqlalchemy import Select, Table, and_, bindparam, literal_column, or_, select
 
 from db.models import DsMessage, DsProducer, DsStream
 from streams_service.durable.model import StreamState
@@ -73,6 +73,18 @@ def needs_chain(state: StreamState, from_pos: int) -> bool:
         and state.fork_pos is not None
         and from_pos < state.fork_pos
     )
+
+
+# One stream's own messages after `from_pos`, by named parameters, so each is compiled once for
+# the direct read on Postgres (db/pg_direct.py; the stream store's reads of a stream that is
+# not a fork, or of a fork past its fork point): up to `upper`, and the next one alone.
+_ONE_STREAM = select(messages.c.end_pos, messages.c.data).where(
+    messages.c.stream_id == bindparam("stream_id"), messages.c.end_pos > bindparam("from_pos")
+)
+messages_up_to = _ONE_STREAM.where(messages.c.end_pos <= bindparam("upper")).order_by(
+    messages.c.end_pos
+)
+next_message = _ONE_STREAM.order_by(messages.c.end_pos).limit(1)
 
 
 def messages_in(

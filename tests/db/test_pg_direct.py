@@ -352,6 +352,44 @@ async def test_a_dead_connection_is_invalidated_and_the_next_transaction_works(
     assert row is not None and row.id == "s1"
 
 
+async def test_binary_rows_are_what_sqlalchemy_reads(engine: AsyncEngine) -> None:
+    """`Direct.rows(binary=True)` (the stream store's reads): the same integers and bytes as
+    SQLAlchemy reads, every byte value included; a failing query is SQLAlchemy's error with
+    its parameters hidden, and the connection serves the next query."""
+    query = sa.select(
+        sa.cast(sa.bindparam("n", type_=sa.BigInteger), sa.BigInteger),
+        sa.cast(sa.bindparam("data", type_=sa.LargeBinary), sa.LargeBinary),
+    )
+    stmt = pg_direct.DirectStatement(query)
+    values = {"n": 2**40, "data": bytes(range(256)) * 300}
+    async with engine.connect() as conn:
+        pg = await pg_direct.on(conn)
+        assert pg is not None
+        expected = (await conn.execute(query, values)).one()
+        binary = await pg.rows(stmt, values, binary=True)
+        text = await pg.rows(stmt, values)
+        assert binary == text == [(expected[0], bytes(expected[1]))]
+        assert type(binary[0][1]) is bytes
+
+        failing = pg_direct.DirectStatement(sa.select(sa.bindparam("n", type_=sa.Integer) / 0))
+        with pytest.raises(sa_exc.DataError) as caught:
+            await pg.rows(failing, {"n": 123456789}, binary=True)
+        assert "123456789" not in str(caught.value)
+    async with engine.connect() as conn:
+        pg = await pg_direct.on(conn)
+        assert pg is not None
+        assert await pg.rows(stmt, {"n": 1, "data": b"\x00"}, binary=True) == [(1, b"\x00")]
+
+
+async def test_no_driver_connection_off_postgres(tmp_path: Path) -> None:
+    sqlite = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'chatops.db'}")
+    try:
+        async with sqlite.connect() as conn:
+            assert await pg_direct.on(conn) is None
+    finally:
+        await sqlite.dispose()
+
+
 def test_a_default_computed_at_execution_is_refused() -> None:
     table = sa.Table(
         "t",

@@ -239,3 +239,59 @@ async def test_idempotent_producer_retry_lands_once(
     assert first.status_code == 200 and retry.status_code == 204
     assert retry.headers["producer-seq"] == "0"
     assert await _read_all(client, stream_url) == [{"once": True}]
+
+
+async def test_binary_messages_read_back_exactly_from_every_offset(
+    settings: Settings, stream_url: str
+) -> None:
+    """Octet messages holding every byte value, some bigger than the read budget (each then
+    comes alone) and some several to a page, read back byte for byte from every acknowledged
+    offset; and a fork, read across its fork point (the source's messages, then its own) and
+    from past it (its own only)."""
+    octet = {"Content-Type": "application/octet-stream"}
+    every_byte = bytes(range(256))
+    sizes = [1, 300, 5000, 17, 4096, 9000, 256, 2, 4097, 700]
+    payloads = [(every_byte * (n // 256 + 1))[i % 256 :][:n] for i, n in enumerate(sizes)]
+    small = create_app(settings.model_copy(update={"streams_max_read_bytes": 4096}))
+
+    async def read_bytes(client: httpx.AsyncClient, url: str, offset: str) -> bytes:
+        body = b""
+        for _ in range(1_000):
+            response = await client.get(url, params={"offset": offset})
+            assert response.status_code == 200, response.text
+            body += response.content
+            offset = response.headers["stream-next-offset"]
+            if response.headers.get("stream-up-to-date") == "true":
+                return body
+        raise AssertionError("never reached the tail")
+
+    async with small.router.lifespan_context(small):
+        transport = httpx.ASGITransport(app=small)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.put(stream_url, headers=octet)).status_code == 201
+            offsets = ["-1"]
+            for payload in payloads:
+                response = await client.post(stream_url, headers=octet, content=payload)
+                assert response.status_code == 204
+                offsets.append(response.headers["stream-next-offset"])
+            for k, offset in enumerate(offsets):
+                assert await read_bytes(client, stream_url, offset) == b"".join(payloads[k:])
+
+            fork = stream_url + "-fork"
+            created = await client.put(
+                fork,
+                headers={
+                    **octet,
+                    "Stream-Forked-From": stream_url,
+                    "Stream-Fork-Offset": offsets[4],
+                },
+            )
+            assert created.status_code == 201
+            own = [every_byte[::-1] * 20, b"\x00" * 10]
+            fork_offsets = []
+            for payload in own:
+                response = await client.post(fork, headers=octet, content=payload)
+                fork_offsets.append(response.headers["stream-next-offset"])
+            assert await read_bytes(client, fork, "-1") == b"".join(payloads[:4] + own)
+            assert await read_bytes(client, fork, offsets[2]) == b"".join(payloads[2:4] + own)
+            assert await read_bytes(client, fork, fork_offsets[0]) == own[1]
