@@ -284,13 +284,7 @@ def combined(
 
 async def direct(db: AsyncSession) -> Direct | None:
     """The driver connection of `db`'s transaction on Postgres (starting it); None elsewhere."""
-    conn = await db.connection()
-    if conn.dialect.name != "postgresql":
-        return None
-    raw = await conn.get_raw_connection()
-    driver = raw.driver_connection
-    assert isinstance(driver, psycopg.AsyncConnection)
-    return Direct(conn, driver)
+    return await on(await db.connection())
 
 
 def autocommit_engine(engine: AsyncEngine) -> AsyncEngine | None:
@@ -303,8 +297,8 @@ def autocommit_engine(engine: AsyncEngine) -> AsyncEngine | None:
 
 
 async def on(conn: AsyncConnection) -> Direct | None:
-    """The driver connection under `conn` on Postgres; None elsewhere. No transaction is begun:
-    for a connection of an autocommit engine (the stream store's reads)."""
+    """The driver connection under `conn` on Postgres, as it is (this begins no transaction:
+    the stream store reads on its autocommit engine's connections); None elsewhere."""
     if conn.dialect.name != "postgresql":
         return None
     raw = await conn.get_raw_connection()
@@ -318,7 +312,6 @@ async def autocommit(engine: AsyncEngine) -> AsyncIterator[Direct]:
     """A driver connection of `engine` (from `autocommit_engine`): each statement run on it is
     its own transaction, so a `combined()` block lands whole or not at all by itself."""
     async with scopes.connect(engine) as conn:
-        raw = await conn.get_raw_connection()
-        driver = raw.driver_connection
-        assert isinstance(driver, psycopg.AsyncConnection) and driver.autocommit
-        yield Direct(conn, driver)
+        pg = await on(conn)
+        assert pg is not None and pg.driver.autocommit
+        yield pg

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -168,5 +168,5 @@ _NEXT = pg_direct.statement(sql.next_message)
 async def _fetch_binary(
     pg: pg_direct.Direct, stmt: pg_direct.DirectStatement, values: dict[str, int]
 ) -> list[tuple[int, bytes]]:
-    # In binary format psycopg gives `bytea` as bytes already.
-    return [(row[0], row[1]) for row in await pg.rows(stmt, values, binary=True)]
+    # (end_pos, data) rows: in binary format psycopg gives `bytea` as bytes already.
+    return cast(list[tuple[int, bytes]], await pg.rows(stmt, values, binary=True))
