@@ -24,7 +24,7 @@ MEMO_MAX_MESSAGES = 200
 
 
 class StoredRow(NamedTuple):
-    """A message as a send's history read returns it (service._StoredMessage)."""
+    """A message as a send's history read returns it (conversation.StoredMessage)."""
 
     role: str
     content: str

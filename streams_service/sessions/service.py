@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, Protocol, TypeVar
@@ -38,6 +36,7 @@ from streams_service.observability.telemetry import Telemetry
 from streams_service.sessions import attachments, records
 from streams_service.sessions import repository as repo
 from streams_service.sessions.control import ControlBus
+from streams_service.sessions.conversation import build_history, conversation
 from streams_service.sessions.generation import GenerationManager
 from streams_service.sessions.generation_types import GenerationSpec, Handle
 from streams_service.sessions.memo import Memo, StoredRow
@@ -59,19 +58,6 @@ class _SessionView(Protocol):
     def cost_usd(self) -> Decimal: ...
     @property
     def reserved_usd(self) -> Decimal: ...
-
-
-class _StoredMessage(Protocol):
-    """What rebuilding the conversation reads of a message: an ORM object or a plain row."""
-
-    @property
-    def role(self) -> str: ...
-    @property
-    def content(self) -> str: ...
-    @property
-    def parts(self) -> list[dict[str, Any]]: ...
-    @property
-    def status(self) -> str: ...
 
 
 _V = TypeVar("_V", bound=_SessionView)
@@ -299,7 +285,7 @@ class SessionService:
                 model = model or self.catalog.get(row.model) or self.catalog.default_model
                 history = None
                 if row.active_generation_id is None:
-                    history = _conversation(messages, content, images)
+                    history = conversation(messages, content, images)
                 if handle is not None:
                     early = handle.spec
                     confirmed = (
@@ -497,7 +483,7 @@ class SessionService:
             await self.limiter.hit(
                 MESSAGE_SEND, sid, user_id=who.user_id, session_id=sid, record=False
             )
-        history = _conversation(memo.rows, body.content, [])
+        history = conversation(memo.rows, body.content, [])
         return self.generations.start(
             GenerationSpec(
                 generation_id=generation_id,
@@ -906,80 +892,6 @@ class SessionService:
         await self._publish_session(fork_row)
         self.telemetry.session_started(new_id, fork_row.model, user_id)
         return self.session_out(fork_row)
-
-
-def _conversation(
-    messages: Sequence[_StoredMessage], content: str, images: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """A send's upstream `messages`: the conversation so far, then its user turn."""
-    history = build_history(messages)
-    history.append({"role": "user", "content": attachments.user_blocks(content, images)})
-    return history
-
-
-def build_history(messages: Sequence[_StoredMessage]) -> list[dict[str, Any]]:
-    """The conversation as Anthropic `messages`: tool calls and results are rebuilt from the
-    stored parts; consecutive turns of one role are merged (the API wants them alternating)."""
-    out: list[dict[str, Any]] = []
-
-    def push(role: str, blocks: list[dict[str, Any]]) -> None:
-        if not blocks:
-            return
-        if out and out[-1]["role"] == role:
-            out[-1]["content"].extend(blocks)
-        else:
-            out.append({"role": role, "content": blocks})
-
-    for m in messages:
-        if m.status == "superseded":
-            continue
-        if m.role == "user":
-            push("user", attachments.user_blocks(m.content, m.parts))
-            continue
-        assistant: list[dict[str, Any]] = []
-        results: list[dict[str, Any]] = []
-        for part in m.parts:
-            kind = part.get("type")
-            if kind == "text" and part.get("content"):
-                if results:
-                    push("assistant", assistant)
-                    push("user", results)
-                    assistant, results = [], []
-                assistant.append({"type": "text", "text": part["content"]})
-            elif kind == "tool-call":
-                if results:
-                    push("assistant", assistant)
-                    push("user", results)
-                    assistant, results = [], []
-                try:
-                    arguments = records_json(part.get("arguments") or "{}")
-                except ValueError:
-                    arguments = {}
-                assistant.append(
-                    {"type": "tool_use", "id": part["id"], "name": part["name"], "input": arguments}
-                )
-            elif kind == "tool-result":
-                results.append(
-                    {
-                        "type": "tool_result",
-                        "tool_use_id": part["toolCallId"],
-                        "content": part.get("content", ""),
-                        "is_error": part.get("state") == "error",
-                    }
-                )
-        # A tool call without a result (stopped mid-loop) cannot be sent back: drop it.
-        answered = {r["tool_use_id"] for r in results}
-        assistant = [b for b in assistant if b["type"] != "tool_use" or b["id"] in answered]
-        push("assistant", assistant)
-        push("user", results)
-    return out
-
-
-def records_json(text: str) -> dict[str, Any]:
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError("tool input is not an object")
-    return value
 
 
 def _check_visible(row: _V | None, who: Principal, need: Access, deleted: bool) -> _V:

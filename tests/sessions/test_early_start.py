@@ -16,8 +16,8 @@ from fastapi import FastAPI
 from sqlalchemy.engine import make_url
 
 from streams_service.sessions import repository as repo
+from streams_service.sessions.conversation import build_history
 from streams_service.sessions.generation_types import GenerationSpec, Handle
-from streams_service.sessions.service import build_history
 from tests.observability.test_metrics import scrape, value
 from tests.sessions.conftest import (
     AppFactory,
