@@ -305,10 +305,12 @@ async def test_connections_lent_in_autocommit_go_back_to_the_pool_transactional(
     assert session is not None and session.cost_usd == Decimal(0)
 
 
-async def test_no_autocommit_engine_off_postgres(tmp_path: Path) -> None:
+async def test_no_autocommit_engine_or_driver_connection_off_postgres(tmp_path: Path) -> None:
     sqlite = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'chatops.db'}")
     try:
         assert pg_direct.autocommit_engine(sqlite) is None
+        async with sqlite.connect() as conn:
+            assert await pg_direct.on(conn) is None
     finally:
         await sqlite.dispose()
 
@@ -379,15 +381,6 @@ async def test_binary_rows_are_what_sqlalchemy_reads(engine: AsyncEngine) -> Non
         pg = await pg_direct.on(conn)
         assert pg is not None
         assert await pg.rows(stmt, {"n": 1, "data": b"\x00"}, binary=True) == [(1, b"\x00")]
-
-
-async def test_no_driver_connection_off_postgres(tmp_path: Path) -> None:
-    sqlite = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'chatops.db'}")
-    try:
-        async with sqlite.connect() as conn:
-            assert await pg_direct.on(conn) is None
-    finally:
-        await sqlite.dispose()
 
 
 def test_a_default_computed_at_execution_is_refused() -> None:

@@ -21,17 +21,25 @@ def _services(app: FastAPI) -> Services:
     return services
 
 
-async def _read_all(client: httpx.AsyncClient, url: str, offset: str = "-1") -> list[object]:
+async def _pages(client: httpx.AsyncClient, url: str, offset: str = "-1") -> list[httpx.Response]:
     """Follow Stream-Next-Offset until Stream-Up-To-Date, the way a resuming client does."""
-    values: list[object] = []
+    pages: list[httpx.Response] = []
     for _ in range(10_000):
         response = await client.get(url, params={"offset": offset})
         assert response.status_code == 200, response.text
-        values.extend(response.json())
+        pages.append(response)
         offset = response.headers["stream-next-offset"]
         if response.headers.get("stream-up-to-date") == "true":
-            return values
+            return pages
     raise AssertionError("never reached the tail")
+
+
+async def _read_all(client: httpx.AsyncClient, url: str, offset: str = "-1") -> list[object]:
+    return [value for page in await _pages(client, url, offset) for value in page.json()]
+
+
+async def _read_bytes(client: httpx.AsyncClient, url: str, offset: str) -> bytes:
+    return b"".join(page.content for page in await _pages(client, url, offset))
 
 
 async def test_offsets_strictly_increase_and_resume_without_loss_or_duplicates(
@@ -254,17 +262,6 @@ async def test_binary_messages_read_back_exactly_from_every_offset(
     payloads = [(every_byte * (n // 256 + 1))[i % 256 :][:n] for i, n in enumerate(sizes)]
     small = create_app(settings.model_copy(update={"streams_max_read_bytes": 4096}))
 
-    async def read_bytes(client: httpx.AsyncClient, url: str, offset: str) -> bytes:
-        body = b""
-        for _ in range(1_000):
-            response = await client.get(url, params={"offset": offset})
-            assert response.status_code == 200, response.text
-            body += response.content
-            offset = response.headers["stream-next-offset"]
-            if response.headers.get("stream-up-to-date") == "true":
-                return body
-        raise AssertionError("never reached the tail")
-
     async with small.router.lifespan_context(small):
         transport = httpx.ASGITransport(app=small)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
@@ -275,7 +272,7 @@ async def test_binary_messages_read_back_exactly_from_every_offset(
                 assert response.status_code == 204
                 offsets.append(response.headers["stream-next-offset"])
             for k, offset in enumerate(offsets):
-                assert await read_bytes(client, stream_url, offset) == b"".join(payloads[k:])
+                assert await _read_bytes(client, stream_url, offset) == b"".join(payloads[k:])
 
             fork = stream_url + "-fork"
             created = await client.put(
@@ -292,6 +289,6 @@ async def test_binary_messages_read_back_exactly_from_every_offset(
             for payload in own:
                 response = await client.post(fork, headers=octet, content=payload)
                 fork_offsets.append(response.headers["stream-next-offset"])
-            assert await read_bytes(client, fork, "-1") == b"".join(payloads[:4] + own)
-            assert await read_bytes(client, fork, offsets[2]) == b"".join(payloads[2:4] + own)
-            assert await read_bytes(client, fork, fork_offsets[0]) == own[1]
+            assert await _read_bytes(client, fork, "-1") == b"".join(payloads[:4] + own)
+            assert await _read_bytes(client, fork, offsets[2]) == b"".join(payloads[2:4] + own)
+            assert await _read_bytes(client, fork, fork_offsets[0]) == own[1]
